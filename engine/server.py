@@ -1,0 +1,80 @@
+"""HTTP and WebSocket routes on one port (CONTRACT.md); start-up on uvloop."""
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from engine.config import Settings
+from engine.log import get_logger
+from engine.runtime import Engine
+
+log = get_logger("server")
+
+ENGINE_KEY = web.AppKey("engine", Engine)
+
+
+def json_response(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def json_error(status: int, message: str) -> web.Response:
+    return json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def errors_as_json(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error leaves as `{"error": ...}` with its status, never as an HTML page."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        return json_error(exc.status, exc.reason)
+    except Exception:
+        log.exception("http.unhandled", path=request.path)
+        return json_error(500, "internal error")
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response(request.app[ENGINE_KEY].health())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[ENGINE_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json], client_max_size=1024 * 1024)
+    engine = engine or Engine(settings)
+    app[ENGINE_KEY] = engine
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+
+    async def on_startup(app: web.Application) -> None:
+        await engine.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await engine.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    import uvloop
+
+    app = create_app(settings)
+    log.info("server.listen", host=settings.host, port=settings.port, url=f"http://{settings.host}:{settings.port}")
+    web.run_app(
+        app, host=settings.host, port=settings.port, print=None, access_log=None,
+        loop=uvloop.new_event_loop(), handle_signals=True,
+    )
+
+
