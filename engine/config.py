@@ -45,6 +45,8 @@ class Settings:
     assistant_file: str | None = None
     stun_servers: tuple[str, ...] = field(default_factory=tuple)
     max_event_loop_lag_ms: float = 250.0
+    #: how much audio the engine keeps queued in Twilio's playback buffer
+    twilio_lead_ms: float = 80.0
 
     @property
     def resolved_backend(self) -> str:
@@ -83,5 +85,7 @@ class Settings:
             redis_url=get("REDIS_URL"),
             session_ttl_s=float(get("SESSION_TTL_S") or cls.session_ttl_s),
             assistant_file=get("ASSISTANT_FILE"),
+            max_event_loop_lag_ms=float(get("MAX_EVENT_LOOP_LAG_MS") or cls.max_event_loop_lag_ms),
+            twilio_lead_ms=float(get("TWILIO_LEAD_MS") or cls.twilio_lead_ms),
             stun_servers=tuple(s.strip() for s in stun.split(",") if s.strip()) if stun else (),
         )

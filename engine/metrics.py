@@ -50,6 +50,7 @@ class Metrics(Collector):
         self.backend_retries = 0
         self.calls_shed = 0
         self.transfers = 0
+        self.bad_messages = 0
         self.active_sessions = lambda: 0
         self.registry.register(self)
         buckets_ms = (5, 10, 20, 40, 60, 80, 100, 150, 200, 300, 500, 800, 1200, 2000, 5000)
@@ -98,6 +99,7 @@ class Metrics(Collector):
         yield CounterMetricFamily("engine_backend_errors", "Backend failures", value=self.backend_errors)
         yield CounterMetricFamily("engine_backend_retries", "Backend request retries", value=self.backend_retries)
         yield CounterMetricFamily("engine_transfers", "Calls handed to a person", value=self.transfers)
+        yield CounterMetricFamily("engine_bad_messages", "Malformed or unexpected messages skipped", value=self.bad_messages)
         yield GaugeMetricFamily("engine_active_calls", "Calls in progress", value=self.active_calls)
         yield GaugeMetricFamily("engine_active_sessions", "Live sessions", value=self.active_sessions())
         depth = sum(s.jitter_depth for s in self._live.values())

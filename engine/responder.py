@@ -43,6 +43,10 @@ class AssistantConfig:
     apology: str = "Sorry, I am having trouble right now. Goodbye."
     handoff: str = "Please hold while I connect you to a person."
     turns: dict[str, float] = field(default_factory=dict)
+    #: "phrases" (a language model of what the assistant expects to hear) or "general"
+    recognition_model: str = "phrases"
+    #: sentences the recognizer should expect, besides the intents' keywords
+    recognition_examples: tuple[str, ...] = ()
 
 
 class Responder:
@@ -50,6 +54,10 @@ class Responder:
         self.intents = intents
         self.fallback = fallback
         self.empty = empty
+
+    def phrases(self) -> list[str]:
+        """Everything the responder can react to, one phrase each (for a recognizer's model)."""
+        return [k for intent in self.intents for k in intent.keywords]
 
     def reply(self, text: str, previous_intent: str | None = None) -> Reply:
         """The answer to one user message; `previous_intent` is the context of the conversation."""
@@ -89,6 +97,8 @@ def load_assistant(path: str | Path | None = None) -> tuple[AssistantConfig, Res
         apology=meta.get("apology", AssistantConfig.apology),
         handoff=meta.get("handoff", AssistantConfig.handoff),
         turns={k: float(v) for k, v in data.get("turns", {}).items()},
+        recognition_model=data.get("recognition", {}).get("model", "phrases"),
+        recognition_examples=tuple(data.get("recognition", {}).get("examples", ())),
     )
     intents = [
         Intent(

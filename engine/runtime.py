@@ -1,33 +1,71 @@
-"""The engine's process-wide state: settings, live calls, the session store, metrics, shared timers.
+"""The engine's process-wide state: settings, live calls, the backend, shared timers, metrics.
 
 Routes (server.py) reach everything through one `Engine`; nothing here parses a wire format.
+Models and other heavy things are loaded once per process and shared by every call.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from engine.backends import backend_factory
 from engine.config import Settings
 from engine.log import get_logger
 from engine.metrics import Metrics
+from engine.pacing import Pacer
+from engine.responder import load_assistant
+from engine.turns import TurnConfig
+
+if TYPE_CHECKING:
+    from engine.backends.base import BackendFactory
+    from engine.call import Call
 
 log = get_logger("runtime")
 
 
 class Engine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backend: "BackendFactory | None" = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.started = time.monotonic()
-        self.calls: dict[str, Any] = {}
+        self.calls: dict[str, "Call"] = {}
         self.loop_lag_ms = 0.0
+        self.assistant, self.responder = load_assistant(settings.assistant_file)
+        self.turn_config = TurnConfig(**{
+            k: v for k, v in self.assistant.turns.items() if k in TurnConfig.__dataclass_fields__
+        })
+        self.backend_factory: "BackendFactory" = backend or self._make_backend()
+        self.pacer = Pacer()
+        from engine.transports.twilio import StreamTokens
+
+        self.stream_tokens = StreamTokens()
+        self.base_url: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics.active_sessions = lambda: len(self.calls)
+
+    def _make_backend(self) -> "BackendFactory":
+        name = self.settings.resolved_backend
+        if name == "local":
+            return backend_factory("local", engine=self)
+        if name == "vapi":
+            s = self.settings
+            return backend_factory("vapi", api_key=s.vapi_api_key, assistant_id=s.vapi_assistant_id,
+                                   base_url=s.vapi_base_url)
+        return backend_factory(name)
+
+    def new_vad(self) -> Any:
+        from engine.audio.vad import EnergyVad
+
+        return EnergyVad()
 
     @property
     def uptime(self) -> float:
         return time.monotonic() - self.started
+
+    def overloaded(self) -> bool:
+        """True when the event loop runs so late that a new call would degrade every call."""
+        return self.loop_lag_ms > self.settings.max_event_loop_lag_ms
 
     def health(self) -> dict[str, Any]:
         return {
@@ -38,10 +76,14 @@ class Engine:
         }
 
     async def start(self) -> None:
+        self.pacer.start()
         self._tasks.append(asyncio.create_task(self._watch_loop_lag(), name="loop-lag"))
         log.info("engine.start", backend=self.settings.resolved_backend)
 
     async def stop(self) -> None:
+        for call in list(self.calls.values()):
+            await call.close("engine-stopping")
+        await self.pacer.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

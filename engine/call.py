@@ -1,0 +1,268 @@
+"""One conversation: a transport, the VAD and turn machine, the output stream and a backend.
+
+Everything here runs on the event loop and is synchronous per event: a caller frame, a backend
+event and a mark from the transport are each handled to the end before the next, so two
+interruptions can never race; the turn machine coalesces them. The call parses no wire format.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from engine.backends.base import Backend, CallInfo
+from engine.events import (
+    AssistantText,
+    AudioChunk,
+    BackendError,
+    BackendEvent,
+    CancelOutput,
+    EndOfTurn,
+    HangUp,
+    Interrupted,
+    PauseOutput,
+    ResumeOutput,
+    Status,
+    TransferRequest,
+    Transcript,
+    TurnAction,
+    UserSpeechStarted,
+    UtteranceEnd,
+)
+from engine.log import get_logger
+from engine.output import OutputStream
+from engine.turns import TurnMachine
+
+if TYPE_CHECKING:
+    from engine.runtime import Engine
+    from engine.transports.base import CallTransport
+
+log = get_logger("call")
+
+HANGUP_GRACE_S = 15.0  # longest wait for a goodbye to be heard before the line is closed
+
+
+def now_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+class Call:
+    def __init__(self, engine: "Engine", info: CallInfo, transport: "CallTransport") -> None:
+        self.engine = engine
+        self.info = info
+        self.session_id = info.session_id
+        self.transport = transport
+        self.output = OutputStream()
+        self.stats = engine.metrics.call_started(info.session_id)
+        self.backend: Backend = engine.backend_factory(info, self.on_backend_event)
+        self.turn_taking = self.backend.turn_taking
+        self.turns = TurnMachine(engine.turn_config)
+        self.vad = engine.new_vad() if self.turn_taking else None
+        self.started = now_ms()
+        self.closed = False
+        self._turn_speech_end: float | None = None  # the caller's last turn, awaiting a reply
+        self._onset: float | None = None  # barge-in in progress: its first speech frame
+        self._ending: str | None = None  # the call ends once the caller has heard everything
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._announcement = -1  # generation of an announcement the engine speaks itself
+        engine.calls[self.session_id] = self
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        log.info("call.start", session=self.session_id, transport=self.info.transport,
+                 backend=type(self.backend).__name__)
+        try:
+            await self.backend.start()
+        except Exception as exc:  # the backend could not be reached: apologise and end
+            log.exception("call.backend_start_failed", session=self.session_id)
+            self.on_backend_event(BackendError(f"backend start failed: {exc}", fatal=True))
+
+    async def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        try:
+            await self.backend.close()
+        except Exception:
+            log.exception("call.backend_close_failed", session=self.session_id)
+        self.engine.calls.pop(self.session_id, None)
+        self.engine.metrics.call_ended(self.session_id)
+        log.info("call.end", session=self.session_id, reason=reason,
+                 duration_s=round((now_ms() - self.started) / 1000.0, 2), **self.stats.as_dict())
+
+    # -- caller → engine -----------------------------------------------------------------------
+
+    def on_frame(self, frame: bytes, now: float) -> None:
+        """One 20 ms caller frame, 16 kHz, arrived at `now`."""
+        self.stats.frames_in += 1
+        vad = self.vad
+        if vad is not None:
+            actions = self.turns.on_frame(vad.process(frame), now)
+            if actions:
+                self._act(actions, now)
+        self.backend.send_audio(frame, now)
+
+    def on_dtmf(self, digit: str) -> None:
+        log.info("call.dtmf", session=self.session_id, digit=digit)
+        self.transport.notify({"type": "dtmf", "digit": digit})
+        self.backend.dtmf(digit)
+
+    # -- output side ---------------------------------------------------------------------------
+
+    def on_output_started(self, generation: int, now: float) -> None:
+        """The transport is sending the first audio of `generation`."""
+        if self._turn_speech_end is not None:
+            latency = now - self._turn_speech_end
+            self._turn_speech_end = None
+            self.engine.metrics.response_latency.observe(latency / 1000.0)
+            log.info("reply.first_audio", session=self.session_id, generation=generation,
+                     latency_ms=round(latency, 1))
+            self.transport.notify({"type": "latency", "responseMs": round(latency, 1)})
+        if self.turn_taking:
+            self.turns.on_reply_started(generation, now)
+        self.transport.notify({"type": "turn", "state": self.turns.state.value})
+
+    def on_heard(self, generation: int, now: float) -> None:
+        """The caller has heard utterance `generation` to its end."""
+        if self.turn_taking:
+            self.turns.on_reply_heard(generation, now)
+            self.transport.notify({"type": "turn", "state": self.turns.state.value})
+        if self._ending is not None and self.output.unheard == 0:
+            self.transport.hangup(self._ending)
+
+    # -- backend → engine ----------------------------------------------------------------------
+
+    def on_backend_event(self, event: BackendEvent) -> None:
+        if self.closed:
+            return
+        kind = type(event)
+        if kind is AudioChunk:
+            if self.output.write(event.pcm, event.generation):  # type: ignore[union-attr]
+                self.transport.kick()
+            elif event.generation <= self.output.ring.cancelled_generation:  # type: ignore[union-attr]
+                self.stats.frames_stale += 1
+        elif kind is UtteranceEnd:
+            self.output.end(event.generation)  # type: ignore[union-attr]
+            self.transport.kick()
+        elif kind is Transcript:
+            assert isinstance(event, Transcript)
+            now = now_ms()
+            if event.role == "user":
+                actions = self.turns.on_transcript(event.text, event.final, now)
+                if actions:
+                    self._act(actions, now)
+            self.transport.notify({"type": "transcript", "role": event.role, "text": event.text,
+                                   "final": event.final})
+            if event.final:
+                log.info("call.transcript", session=self.session_id, role=event.role, text=event.text)
+        elif kind is AssistantText:
+            assert isinstance(event, AssistantText)
+            if self.turn_taking:
+                self.turns.expect_reply(event.generation)
+            self.transport.notify({"type": "assistant", "text": event.text, "generation": event.generation})
+            log.info("call.reply", session=self.session_id, generation=event.generation, text=event.text)
+        elif kind is Interrupted:
+            assert isinstance(event, Interrupted)
+            now = now_ms()
+            self._act(self.turns.on_backend_interrupted(event.generation, now), now)
+        elif kind is HangUp:
+            assert isinstance(event, HangUp)
+            self.end_after_heard(event.reason)
+        elif kind is TransferRequest:
+            assert isinstance(event, TransferRequest)
+            self._spawn(self._transfer(event))
+        elif kind is BackendError:
+            assert isinstance(event, BackendError)
+            self.engine.metrics.backend_errors += 1
+            log.error("call.backend_error", session=self.session_id, message=event.message, fatal=event.fatal)
+            if event.fatal:
+                self._spawn(self._announce(self.engine.assistant.apology, then_end="backend-failed"))
+        elif kind is Status:
+            assert isinstance(event, Status)
+            self.transport.notify({"type": event.kind, **event.data})
+
+    # -- turn actions --------------------------------------------------------------------------
+
+    def _act(self, actions: list[TurnAction], now: float) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is PauseOutput:
+                assert isinstance(action, PauseOutput)
+                log.info("barge_in.detected", session=self.session_id, t=round(action.onset, 1),
+                         generation=action.generation)
+                self.transport.pause(now)
+                self.engine.metrics.barge_in_latency.observe(max(0.0, now_ms() - action.onset) / 1000.0)
+                self.transport.notify({"type": "barge-in", "step": "paused"})
+            elif kind is ResumeOutput:
+                self.transport.resume(now)
+                self.transport.notify({"type": "barge-in", "step": "resumed"})
+            elif kind is CancelOutput:
+                assert isinstance(action, CancelOutput)
+                dropped = self.output.cancel(action.generation)
+                self.transport.cancel(now)
+                if not action.by_backend:
+                    self.backend.interrupt(action.generation)
+                log.info("barge_in.cancelled", session=self.session_id, t=round(now, 1),
+                         generation=action.generation, dropped_ms=dropped // 16,
+                         by_backend=action.by_backend)
+                self.transport.notify({"type": "barge-in", "step": "cancelled", "generation": action.generation})
+            elif kind is EndOfTurn:
+                assert isinstance(action, EndOfTurn)
+                self._turn_speech_end = action.speech_end
+                log.info("turn.end", session=self.session_id, reason=action.reason,
+                         silence_ms=round(action.at - action.speech_end, 1))
+                self.backend.user_turn_ended(action.at)
+            elif kind is UserSpeechStarted:
+                assert isinstance(action, UserSpeechStarted)
+                self._turn_speech_end = None
+                self.backend.user_turn_started(action.onset)
+            self.transport.notify({"type": "turn", "state": self.turns.state.value})
+
+    # -- things the engine says itself ---------------------------------------------------------
+
+    def end_after_heard(self, reason: str) -> None:
+        """Hang up once the caller has heard what is queued (bounded by a grace period)."""
+        self._ending = reason
+        if self.output.unheard == 0 and self.output.ring.queued == 0:
+            self.transport.hangup(reason)
+        else:
+            self._spawn(self._hangup_later(reason))
+
+    async def _hangup_later(self, reason: str) -> None:
+        await asyncio.sleep(HANGUP_GRACE_S)
+        self.transport.hangup(reason)
+
+    async def _announce(self, text: str, then_end: str | None = None) -> None:
+        """Speak `text` with the local synthesizer, cutting whatever the backend was saying."""
+        from engine.speech.tts import stream
+
+        generation = max(self.output.generation, self.output.ring.cancelled_generation, self._announcement) + 1
+        self._announcement = generation
+        if self.output.generation >= 0:
+            self.output.cancel(self.output.generation)
+            self.transport.cancel(now_ms())
+        voice = self.engine.assistant
+        async for chunk in stream(text, voice=voice.voice, rate_wpm=voice.rate_wpm):
+            if self.output.write(chunk, generation):
+                self.transport.kick()
+        self.output.end(generation)
+        self.transport.kick()
+        if then_end is not None:
+            self.end_after_heard(then_end)
+
+    async def _transfer(self, request: TransferRequest) -> None:
+        self.engine.metrics.transfers += 1
+        log.info("transfer.requested", session=self.session_id, destination=request.destination)
+        self.transport.notify({"type": "transfer", "state": "connecting", "destination": request.destination})
+        await self._announce(request.message)
+        ok = await self.transport.transfer(request.destination)
+        log.info("transfer.result", session=self.session_id, ok=ok)
+        self.transport.notify({"type": "transfer", "state": "connected" if ok else "failed"})
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

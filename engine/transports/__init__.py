@@ -1,0 +1,1 @@
+"""One wire format each: Twilio Media Streams, WebRTC (and later SIP/RTP)."""

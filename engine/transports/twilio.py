@@ -1,0 +1,540 @@
+"""Twilio: the voice webhook (TwiML), and the bidirectional Media Streams WebSocket.
+
+Inbound: JSON text frames → base64 mu-law 8 kHz → jitter buffer keyed by `chunk` (a missing chunk
+becomes a concealment frame, never a stall) → PCM → 16 kHz → 20 ms frames to the call.
+Outbound: the call's output stream → 8 kHz → mu-law → `media` messages of 160 bytes, paced by the
+process-wide pacer so Twilio's buffer holds only a small lead; a `mark` after each utterance tells
+when the caller has heard it; `clear` empties Twilio's buffer at once on barge-in.
+
+Outgoing frames are written straight to the socket (a prebuilt JSON template and a hand-built
+WebSocket frame), with no await and no task per frame. Bad input never takes the server down: it is
+counted, logged with the session id, and skipped, or it closes only this socket with a fitting code.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import time
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+from xml.sax.saxutils import quoteattr
+
+import orjson
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from engine.audio.g711 import ulaw_decode, ulaw_encode
+from engine.audio.jitter import JitterBuffer
+from engine.audio.resample import Resampler
+from engine.backends.base import CallInfo
+from engine.call import Call
+from engine.log import get_logger
+from engine.transports.base import Reframer, ws_text_frame
+
+log = get_logger("twilio")
+
+FRAME_MS = 20.0
+MULAW_FRAME = 160  # bytes of mu-law = 20 ms at 8 kHz
+PCM8_FRAME = 320  # bytes of 8 kHz int16 = 20 ms
+PCM16_FRAME = 640  # bytes of 16 kHz int16 = 20 ms
+MULAW_SILENCE = b"\xff" * MULAW_FRAME
+PCM16_SILENCE = bytes(PCM16_FRAME)
+MAX_MESSAGE = 64 * 1024  # a media message is ~300 bytes; anything near this is not Twilio
+MAX_BAD_MESSAGES = 200  # a socket that sends nothing but garbage is closed after this many
+LOGGED_PER_KIND = 5  # bad-input log lines per kind per call before they are only counted
+TOKEN_TTL_S = 120.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The voice webhook
+# ---------------------------------------------------------------------------------------------
+
+
+def twilio_signature(url: str, params: Mapping[str, str] | list[tuple[str, str]], token: str) -> str:
+    """X-Twilio-Signature of a form POST: HMAC-SHA1 over the URL and the sorted parameters."""
+    items = sorted(params.items() if isinstance(params, Mapping) else params)
+    data = url + "".join(k + v for k, v in items)
+    return base64.b64encode(hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()).decode()
+
+
+def _url_variants(url: str) -> list[str]:
+    """The URL as given, with the default port made explicit, and without it (as Twilio's
+    libraries check both)."""
+    parts = urlsplit(url)
+    default = {"https": 443, "http": 80}.get(parts.scheme)
+    host = parts.hostname or ""
+    variants = [url]
+    if default is not None:
+        if parts.port is None:
+            variants.append(urlunsplit(parts._replace(netloc=f"{host}:{default}")))
+        elif parts.port == default:
+            variants.append(urlunsplit(parts._replace(netloc=host)))
+    return variants
+
+
+def signature_valid(url: str, params: list[tuple[str, str]], signature: str, token: str) -> bool:
+    return any(
+        hmac.compare_digest(twilio_signature(u, params, token), signature) for u in _url_variants(url)
+    )
+
+
+def public_base(request: web.Request, public_url: str | None) -> str:
+    """The externally reachable base URL: PUBLIC_URL, or what the request (and its proxy) says."""
+    if public_url:
+        return public_url.rstrip("/")
+    proto = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
+    host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
+    return f"{proto}://{host}"
+
+
+def stream_url(base: str) -> str:
+    """Twilio requires wss://; plain http is kept only for loopback development (ws://)."""
+    parts = urlsplit(base)
+    scheme = "ws" if parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1") else "wss"
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/twilio/stream", "", ""))
+
+
+def twiml_stream(url: str, parameters: Mapping[str, str]) -> str:
+    params = "".join(
+        f"\n      <Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in parameters.items()
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Response>\n  <Connect>\n'
+        f"    <Stream url={quoteattr(url)}>{params}\n    </Stream>\n  </Connect>\n</Response>\n"
+    )
+
+
+TWIML_BUSY = '<?xml version="1.0" encoding="UTF-8"?>\n<Response>\n  <Reject reason="busy"/>\n</Response>\n'
+
+
+class StreamTokens:
+    """Per-call tokens put into the TwiML and checked on the stream's `start`: unguessable, single
+    use, short-lived."""
+
+    def __init__(self, ttl_s: float = TOKEN_TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self._tokens: dict[str, float] = {}
+
+    def issue(self) -> str:
+        now = time.monotonic()
+        if len(self._tokens) > 1000:
+            self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}
+        token = secrets.token_urlsafe(24)
+        self._tokens[token] = now + self.ttl_s
+        return token
+
+    def redeem(self, token: str) -> bool:
+        expires = self._tokens.pop(token, None)
+        return expires is not None and expires > time.monotonic()
+
+
+async def voice_webhook(request: web.Request) -> web.Response:
+    from engine.server import ENGINE_KEY, json_error
+
+    engine = request.app[ENGINE_KEY]
+    settings = engine.settings
+    form = await request.post()
+    params = [(k, str(v)) for k, v in form.items()]
+    base = public_base(request, settings.public_url)
+    if settings.twilio_auth_token:
+        signature = request.headers.get("X-Twilio-Signature", "")
+        url = base + request.path_qs
+        if not signature or not signature_valid(url, params, signature, settings.twilio_auth_token):
+            log.warning("voice.bad_signature", call_sid=form.get("CallSid"))
+            return json_error(401, "invalid X-Twilio-Signature")
+    call_sid = str(form.get("CallSid", ""))
+    if engine.overloaded():
+        engine.metrics.calls_shed += 1
+        log.warning("voice.shed", call_sid=call_sid, loop_lag_ms=round(engine.loop_lag_ms, 1))
+        return web.Response(text=TWIML_BUSY, content_type="text/xml")
+    parameters = {"callSid": call_sid, "from": str(form.get("From", "")), "token": engine.stream_tokens.issue()}
+    log.info("voice.incoming", call_sid=call_sid, caller=parameters["from"])
+    return web.Response(text=twiml_stream(stream_url(base), parameters), content_type="text/xml")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Media Streams WebSocket
+# ---------------------------------------------------------------------------------------------
+
+
+class TwilioMediaStream:
+    """One Media Streams WebSocket: one call."""
+
+    kind = "twilio"
+
+    def __init__(self, engine: Any, ws: web.WebSocketResponse, request: web.Request) -> None:
+        self.engine = engine
+        self.ws = ws
+        self.session_id = "-"
+        self.stream_sid: str | None = None
+        self.account_sid: str | None = None
+        self.call_sid: str | None = None
+        self.call: Call | None = None
+        self._socket = request.transport
+        self._bad: dict[str, int] = {}
+        self._bad_total = 0
+        self._closing = False
+        # inbound
+        # The jitter buffer holds decoded PCM so that concealment can fade the last frame.
+        self._jitter = JitterBuffer(PCM8_FRAME, MULAW_FRAME, 8000, capacity=64, min_delay_ms=0.0,
+                                    max_delay_ms=120.0)
+        self._pcm8 = bytearray(PCM8_FRAME)
+        self._up = Resampler(8000, 16000)
+        self._in_frames = Reframer(PCM16_FRAME)
+        # outbound
+        self._down = Resampler(16000, 8000)
+        self._out_frames = Reframer(PCM8_FRAME)
+        self._pcm16 = bytearray(PCM16_FRAME)
+        self._prefix = b""
+        self._lead_ms = engine.settings.twilio_lead_ms
+        self._buffer_end = 0.0  # when Twilio will have played everything sent (monotonic ms)
+        self._frames_sent = 0
+        self._marks_due: list[tuple[int, int, int]] = []  # (after frame n, generation, end position)
+        self._marks_pending: dict[str, tuple[int, int]] = {}  # name → (generation, end position)
+        self._sending_generation = -1
+        self._paused = False
+        self._registered = False
+        self.write_limit = 64 * 1024
+
+    # -- inbound -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        ws = self.ws
+        try:
+            async for msg in ws:
+                if msg.type is WSMsgType.TEXT:
+                    data = msg.data
+                    if data.startswith('{"event":"media"'):
+                        self._on_message(data)
+                    else:
+                        await self._on_message_async(data)
+                elif msg.type is WSMsgType.BINARY:
+                    self._reject("binary-frame", len(msg.data))
+                    await self._close(WSCloseCode.UNSUPPORTED_DATA, "binary frames are not Media Streams")
+                    break
+                elif msg.type is WSMsgType.ERROR:
+                    log.warning("stream.socket_error", session=self.session_id, error=str(ws.exception()))
+                    break
+                if self._closing:
+                    break
+        finally:
+            await self._finish(ws.close_code)
+
+    async def _on_message_async(self, data: str) -> None:
+        """Messages other than media: rare, and `start` needs to await the backend."""
+        message = self._parse(data)
+        if message is None:
+            return
+        event = message.get("event")
+        if event == "start":
+            await self._on_start(message)
+        elif event == "media":
+            self._on_media(message)
+        elif event == "mark":
+            self._on_mark(message)
+        elif event == "dtmf":
+            self._on_dtmf(message)
+        elif event == "stop":
+            log.info("stream.stop", session=self.session_id)
+            await self._close(WSCloseCode.OK, "stream stopped")
+        elif event == "connected":
+            log.debug("stream.connected", protocol=message.get("protocol"), version=message.get("version"))
+        else:
+            self._reject("unknown-event", event)
+
+    def _on_message(self, data: str) -> None:
+        message = self._parse(data)
+        if message is not None:
+            self._on_media(message)
+
+    def _parse(self, data: str) -> dict[str, Any] | None:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self._reject("invalid-json", data[:80])
+            return None
+        if type(message) is not dict:
+            self._reject("not-an-object", data[:80])
+            return None
+        return message
+
+    def _on_media(self, message: dict[str, Any]) -> None:
+        call = self.call
+        if call is None:
+            self._reject("media-before-start")
+            return
+        if message.get("streamSid") != self.stream_sid:
+            self._reject("wrong-streamSid", message.get("streamSid"))
+            return
+        media = message.get("media")
+        try:
+            if media.get("track", "inbound") not in ("inbound", "inbound_track"):
+                return
+            payload = binascii.a2b_base64(media["payload"], strict_mode=True)
+            chunk = int(media["chunk"])
+            timestamp = int(media["timestamp"])
+        except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+            self._reject("bad-media", f"{type(exc).__name__}: {exc}")
+            return
+        if len(payload) != MULAW_FRAME:
+            if not payload or len(payload) > 8 * MULAW_FRAME:
+                self._reject("bad-payload-length", len(payload))
+                return
+            self._reject("odd-payload-length", len(payload))
+            payload = (payload + MULAW_SILENCE)[:MULAW_FRAME]
+        now = time.monotonic() * 1000.0
+        jitter = self._jitter
+        jitter.push(chunk & 0xFFFF, (timestamp * 8) & 0xFFFFFFFF, ulaw_decode(payload), now)
+        stats = call.stats
+        pcm8 = self._pcm8
+        while jitter.pop_into(pcm8, now) >= 0:
+            pcm16 = self._up.process(pcm8)
+            if len(pcm16) == PCM16_FRAME and not self._in_frames.pending():
+                call.on_frame(pcm16, now)
+            else:
+                self._in_frames.push(pcm16)
+                while (whole := self._in_frames.pop()) is not None:
+                    call.on_frame(whole, now)
+        stats.frames_concealed = jitter.lost
+        stats.frames_late = jitter.late
+        stats.jitter_depth = jitter.depth
+
+    async def _on_start(self, message: dict[str, Any]) -> None:
+        if self.call is not None:
+            self._reject("second-start")
+            return
+        start = message.get("start")
+        sid = message.get("streamSid") or (start.get("streamSid") if isinstance(start, dict) else None)
+        if not isinstance(start, dict) or not isinstance(sid, str) or not sid or len(sid) > 64 or '"' in sid or "\\" in sid:
+            self._reject("bad-start")
+            await self._close(WSCloseCode.POLICY_VIOLATION, "malformed start message")
+            return
+        params = start.get("customParameters") or {}
+        if not isinstance(params, dict):
+            params = {}
+        fmt = start.get("mediaFormat") or {}
+        if isinstance(fmt, dict) and fmt and (fmt.get("encoding") != "audio/x-mulaw" or int(fmt.get("sampleRate", 8000)) != 8000):
+            self._reject("unsupported-media-format", fmt)
+            await self._close(WSCloseCode.UNSUPPORTED_DATA, "only audio/x-mulaw at 8000 Hz")
+            return
+        token = params.get("token")
+        if token is not None or self.engine.settings.twilio_auth_token:
+            if not isinstance(token, str) or not self.engine.stream_tokens.redeem(token):
+                self._reject("bad-token")
+                await self._close(WSCloseCode.POLICY_VIOLATION, "invalid stream token")
+                return
+        self.stream_sid = sid
+        self.session_id = sid
+        self.account_sid = start.get("accountSid")
+        self.call_sid = start.get("callSid") or params.get("callSid")
+        self._prefix = b'{"event":"media","streamSid":"' + sid.encode() + b'","media":{"payload":"'
+        info = CallInfo(
+            session_id=sid, transport="twilio", caller=params.get("from") or None, call_sid=self.call_sid,
+            metadata={k: v for k, v in params.items() if k != "token"},
+        )
+        log.info("stream.start", session=sid, call_sid=self.call_sid, caller=info.caller)
+        self.call = Call(self.engine, info, self)
+        await self.call.start()
+
+    def _on_mark(self, message: dict[str, Any]) -> None:
+        mark = message.get("mark")
+        name = mark.get("name") if isinstance(mark, dict) else None
+        if not isinstance(name, str):
+            self._reject("bad-mark")
+            return
+        pending = self._marks_pending.pop(name, None)
+        if pending is None or self.call is None:
+            return  # a mark flushed by `clear`: it was not heard
+        generation, end_pos = pending
+        self.call.output.heard_up_to(end_pos)
+        self.call.on_heard(generation, time.monotonic() * 1000.0)
+
+    def _on_dtmf(self, message: dict[str, Any]) -> None:
+        dtmf = message.get("dtmf")
+        digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
+        if not isinstance(digit, str) or len(digit) != 1 or digit not in "0123456789*#ABCD":
+            self._reject("bad-dtmf", digit)
+            return
+        if self.call is not None:
+            self.call.on_dtmf(digit)
+
+    def _reject(self, kind: str, detail: Any = None) -> None:
+        """Counts and logs (a few per kind) a message that is skipped."""
+        count = self._bad.get(kind, 0) + 1
+        self._bad[kind] = count
+        self._bad_total += 1
+        self.engine.metrics.bad_messages += 1
+        if count <= LOGGED_PER_KIND or count % 1000 == 0:
+            log.warning("stream.bad_input", session=self.session_id, kind=kind, count=count,
+                        detail=None if detail is None else str(detail)[:120])
+        if self._bad_total == MAX_BAD_MESSAGES and not self._closing:
+            self._closing = True
+            asyncio.get_running_loop().create_task(
+                self._close(WSCloseCode.INVALID_TEXT, "too many malformed messages"))
+
+    # -- outbound ------------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        if self.pump(time.monotonic() * 1000.0) and not self._registered:
+            self._registered = True
+            self.engine.pacer.register(self)
+
+    def pump(self, now: float) -> bool:
+        """Tops Twilio's buffer up to the lead; False when nothing is left to pace."""
+        call = self.call
+        if call is None or self._closing:
+            self._registered = False
+            return False
+        output = call.output
+        if not self._paused:
+            socket = self._socket
+            while self._buffer_end - now < self._lead_ms:
+                frame = self._next_frame(now)
+                if frame is None:
+                    break
+                if self._buffer_end < now:
+                    self._buffer_end = now
+                self._buffer_end += FRAME_MS
+                if socket is None or socket.is_closing():
+                    break
+                if socket.get_write_buffer_size() > self.write_limit:
+                    call.stats.frames_dropped_out += 1  # the caller's socket is not reading: trim
+                else:
+                    socket.write(ws_text_frame(
+                        self._prefix + binascii.b2a_base64(ulaw_encode(frame), newline=False) + b'"}}'))
+                    call.stats.frames_out += 1
+                self._frames_sent += 1
+                while self._marks_due and self._marks_due[0][0] <= self._frames_sent:
+                    _, generation, end_pos = self._marks_due.pop(0)
+                    self._send_mark(generation, end_pos)
+        # What has played out of Twilio's buffer by now has been heard.
+        in_buffer_ms = self._buffer_end - now
+        if in_buffer_ms < 0:
+            in_buffer_ms = 0.0
+        unheard = int(in_buffer_ms * 16) + self._out_frames.pending()
+        target = output.ring.read_pos - unheard
+        if target > output.ring.ack_pos:
+            output.heard_up_to(target)
+        busy = in_buffer_ms > 0 or output.ring.queued > 0 or self._out_frames.pending() > 0
+        if not busy:
+            self._registered = False
+        return busy
+
+    def _next_frame(self, now: float) -> bytes | None:
+        """The next 20 ms of 8 kHz PCM to send, or None."""
+        frames = self._out_frames
+        output = self.call.output  # type: ignore[union-attr]
+        while frames.pending() < PCM8_FRAME:
+            generation = output.read_frame(self._pcm16)
+            if generation < 0:
+                return None
+            if generation != self._sending_generation:
+                self._sending_generation = generation
+                self.call.on_output_started(generation, now)  # type: ignore[union-attr]
+            frames.push(self._down.process(bytes(self._pcm16)))
+            finished = output.finished_at_read()
+            if finished is not None:
+                # Flush the resampler's delay line, pad to a whole frame, and mark the end there.
+                frames.push(self._down.process(PCM16_SILENCE))
+                frames.push(bytes((-frames.pending()) % PCM8_FRAME))
+                after = self._frames_sent + frames.pending() // PCM8_FRAME
+                self._marks_due.append((after, finished, output.ring.read_pos))
+        return frames.pop()
+
+    def _send_mark(self, generation: int, end_pos: int) -> None:
+        name = f"u{generation}"
+        self._marks_pending[name] = (generation, end_pos)
+        self._send_json({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
+
+    def _send_json(self, message: dict[str, Any]) -> None:
+        socket = self._socket
+        if socket is not None and not socket.is_closing():
+            socket.write(ws_text_frame(orjson.dumps(message)))
+
+    def _send_clear(self, now: float) -> None:
+        self._send_json({"event": "clear", "streamSid": self.stream_sid})
+        # Twilio echoes every pending mark at once on clear; those were not heard.
+        self._marks_pending.clear()
+        self._marks_due.clear()
+        self._buffer_end = now
+        self._out_frames.clear()
+        self._down = Resampler(16000, 8000)
+        self._sending_generation = -1
+
+    def pause(self, now: float) -> None:
+        if self._paused or self.call is None:
+            return
+        self._paused = True
+        self._send_clear(now)
+        rewound = self.call.output.rewind()
+        log.info("barge_in.output_paused", session=self.session_id, t=round(now, 1), rewound_ms=rewound // 16)
+
+    def resume(self, now: float) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        log.info("barge_in.output_resumed", session=self.session_id, t=round(now, 1))
+        self.kick()
+
+    def cancel(self, now: float) -> None:
+        if not self._paused and (self._buffer_end > now or self._marks_pending):
+            self._send_clear(now)
+        else:
+            self._marks_due.clear()
+            self._out_frames.clear()
+            self._sending_generation = -1
+        self._paused = False
+
+    def notify(self, event: dict[str, Any]) -> None:
+        pass
+
+    def hangup(self, reason: str) -> None:
+        if not self._closing:
+            log.info("stream.hangup", session=self.session_id, reason=reason)
+            asyncio.get_running_loop().create_task(self._close(WSCloseCode.OK, reason))
+
+    async def transfer(self, destination: str) -> bool:
+        from engine.transports.twilio_rest import redirect_call
+
+        if not self.call_sid or not self.account_sid:
+            log.warning("transfer.no_call_sid", session=self.session_id)
+            return False
+        return await redirect_call(self.engine, self.account_sid, self.call_sid, destination, self.session_id)
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    async def _close(self, code: int, reason: str) -> None:
+        self._closing = True
+        if not self.ws.closed:
+            await self.ws.close(code=code, message=reason.encode()[:120])
+
+    async def _finish(self, close_code: int | None) -> None:
+        self._closing = True
+        self.engine.pacer.unregister(self)
+        if self.call is not None:
+            await self.call.close("stream-ended")
+        if self._bad:
+            log.info("stream.bad_input_summary", session=self.session_id, counts=self._bad)
+        log.info("stream.end", session=self.session_id, close_code=close_code)
+
+
+async def media_stream(request: web.Request) -> web.WebSocketResponse:
+    from engine.server import ENGINE_KEY
+
+    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE, autoping=True)
+    await ws.prepare(request)
+    stream = TwilioMediaStream(request.app[ENGINE_KEY], ws, request)
+    try:
+        await stream.run()
+    except Exception:
+        log.exception("stream.failed", session=stream.session_id)
+        await stream._close(WSCloseCode.INTERNAL_ERROR, "internal error")
+    return ws
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/twilio/voice", voice_webhook)
+    app.router.add_get("/twilio/stream", media_stream)
