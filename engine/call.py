@@ -65,6 +65,7 @@ class Call:
         self._ending: str | None = None  # the call ends once the caller has heard everything
         self._tasks: set[asyncio.Task[Any]] = set()
         self._announcement = -1  # generation of an announcement the engine speaks itself
+        self.dtmf: list[str] = []  # keys the caller pressed
         engine.calls[self.session_id] = self
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -106,6 +107,7 @@ class Call:
         self.backend.send_audio(frame, now)
 
     def on_dtmf(self, digit: str) -> None:
+        self.dtmf.append(digit)
         log.info("call.dtmf", session=self.session_id, digit=digit)
         self.transport.notify({"type": "dtmf", "digit": digit})
         self.backend.dtmf(digit)

@@ -2,17 +2,30 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from aiohttp import web
 
 from engine.config import Settings
+from engine.runtime import Engine
 from engine.server import ENGINE_KEY, create_app
 
 
+@dataclass
+class Served:
+    url: str  #: http://127.0.0.1:PORT
+    engine: Engine  #: the engine behind it, for assertions on its state
+    app: web.Application
+
+    @property
+    def ws_url(self) -> str:
+        return "ws" + self.url[4:]
+
+
 @contextlib.asynccontextmanager
-async def running_engine(settings: Settings | None = None, **overrides: object) -> AsyncIterator[str]:
-    """Yields the base URL (http://127.0.0.1:PORT) of an engine serving on a real socket."""
+async def serve_engine(settings: Settings | None = None, **overrides: object) -> AsyncIterator[Served]:
+    """The engine serving on a real loopback socket, and the engine object itself."""
     settings = (settings or Settings(backend="echo")).with_overrides(port=0, **overrides)
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None)
@@ -20,8 +33,16 @@ async def running_engine(settings: Settings | None = None, **overrides: object) 
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    app[ENGINE_KEY].base_url = f"http://127.0.0.1:{port}"
+    engine = app[ENGINE_KEY]
+    engine.base_url = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield Served(engine.base_url, engine, app)
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running_engine(settings: Settings | None = None, **overrides: object) -> AsyncIterator[str]:
+    """Yields the base URL (http://127.0.0.1:PORT) of an engine serving on a real socket."""
+    async with serve_engine(settings, **overrides) as served:
+        yield served.url

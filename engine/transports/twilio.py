@@ -193,7 +193,11 @@ class TwilioMediaStream:
         self._buffer_end = 0.0  # when Twilio will have played everything sent (monotonic ms)
         self._frames_sent = 0
         self._marks_due: list[tuple[int, int, int]] = []  # (after frame n, generation, end position)
-        self._marks_pending: dict[str, tuple[int, int]] = {}  # name → (generation, end position)
+        self._marks_pending: dict[str, tuple[int, int, float]] = {}  # name → (generation, end, due)
+        # How much later than the engine's model the caller actually hears audio (network, the
+        # carrier's playout grid). Learned from mark echoes; what is sent within this much of
+        # "played" is not yet taken as heard, so a paused reply resumes without losing audio.
+        self._play_lag_ms = 40.0
         self._sending_generation = -1
         self._paused = False
         self._registered = False
@@ -348,9 +352,12 @@ class TwilioMediaStream:
         pending = self._marks_pending.pop(name, None)
         if pending is None or self.call is None:
             return  # a mark flushed by `clear`: it was not heard
-        generation, end_pos = pending
+        generation, end_pos, due = pending
+        now = time.monotonic() * 1000.0
+        lag = min(max(now - due, FRAME_MS), 500.0)
+        self._play_lag_ms += (lag - self._play_lag_ms) * 0.25
         self.call.output.heard_up_to(end_pos)
-        self.call.on_heard(generation, time.monotonic() * 1000.0)
+        self.call.on_heard(generation, now)
 
     def _on_dtmf(self, message: dict[str, Any]) -> None:
         dtmf = message.get("dtmf")
@@ -414,11 +421,12 @@ class TwilioMediaStream:
         in_buffer_ms = self._buffer_end - now
         if in_buffer_ms < 0:
             in_buffer_ms = 0.0
-        unheard = int(in_buffer_ms * 16) + self._out_frames.pending()
+        unheard = int((in_buffer_ms + self._play_lag_ms) * 16) + self._out_frames.pending()
         target = output.ring.read_pos - unheard
         if target > output.ring.ack_pos:
             output.heard_up_to(target)
-        busy = in_buffer_ms > 0 or output.ring.queued > 0 or self._out_frames.pending() > 0
+        busy = (self._buffer_end + self._play_lag_ms > now or output.ring.queued > 0
+                or self._out_frames.pending() > 0)
         if not busy:
             self._registered = False
         return busy
@@ -446,7 +454,7 @@ class TwilioMediaStream:
 
     def _send_mark(self, generation: int, end_pos: int) -> None:
         name = f"u{generation}"
-        self._marks_pending[name] = (generation, end_pos)
+        self._marks_pending[name] = (generation, end_pos, self._buffer_end)
         self._send_json({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
 
     def _send_json(self, message: dict[str, Any]) -> None:
