@@ -77,8 +77,25 @@ class Engine:
 
     async def start(self) -> None:
         self.pacer.start()
+        if self.settings.resolved_backend == "local":
+            await self._prepare_local_assistant()
         self._tasks.append(asyncio.create_task(self._watch_loop_lag(), name="loop-lag"))
         log.info("engine.start", backend=self.settings.resolved_backend)
+
+    async def _prepare_local_assistant(self) -> None:
+        """Loads the recognizer's model and a decoder, and starts the synthesizer, before the
+        first call needs them (the first decoder costs ~15 ms with the phrase model)."""
+        from engine.backends.local import recognition_model
+        from engine.speech.asr import shared_pool
+        from engine.speech.tts import Synthesizer
+
+        def prepare() -> None:
+            shared_pool().prewarm(recognition_model(self), 1)
+            Synthesizer.shared()
+
+        started = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(None, prepare)
+        log.info("engine.local_assistant_ready", seconds=round(time.monotonic() - started, 3))
 
     async def stop(self) -> None:
         for call in list(self.calls.values()):
