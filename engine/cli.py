@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         from engine.server import serve
 
-        serve(settings)
-        return 0
+        return serve(settings)
     if args.command == "bench":
         try:
             from bench.__main__ import main as bench_main

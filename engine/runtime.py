@@ -6,6 +6,7 @@ Models and other heavy things are loaded once per process and shared by every ca
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ class Engine:
 
         self.stream_tokens = StreamTokens()
         self.base_url: str | None = None
+        self.draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics.active_sessions = lambda: len(self.calls)
 
@@ -64,8 +66,21 @@ class Engine:
         return time.monotonic() - self.started
 
     def overloaded(self) -> bool:
-        """True when the event loop runs so late that a new call would degrade every call."""
-        return self.loop_lag_ms > self.settings.max_event_loop_lag_ms
+        """True when new calls must be refused: the event loop runs so late that one more call
+        would degrade every call, or the engine is draining to stop."""
+        return self.draining or self.loop_lag_ms > self.settings.max_event_loop_lag_ms
+
+    async def drain(self, grace_s: float) -> None:
+        """Stops taking calls, lets live ones finish for up to `grace_s`, then ends the rest."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        if self.calls:
+            log.info("engine.draining", calls=len(self.calls), grace_s=grace_s)
+        while self.calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for call in list(self.calls.values()):
+            call.transport.hangup("engine-stopping")
+            await call.close("engine-stopping")
 
     def health(self) -> dict[str, Any]:
         return {
@@ -73,6 +88,7 @@ class Engine:
             "activeSessions": self.metrics.active_sessions(),
             "activeCalls": self.metrics.active_calls,
             "uptime": round(self.uptime, 3),
+            "worker": os.getpid(),
         }
 
     async def start(self) -> None:

@@ -62,22 +62,38 @@ def create_app(settings: Settings, engine: Engine | None = None) -> web.Applicat
     async def on_startup(app: web.Application) -> None:
         await engine.start()
 
+    async def on_shutdown(app: web.Application) -> None:
+        await engine.drain(settings.shutdown_grace_s)
+
     async def on_cleanup(app: web.Application) -> None:
         await engine.stop()
 
+    app.on_shutdown.append(on_shutdown)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
 
 
-def serve(settings: Settings) -> None:
+def serve_one(settings: Settings, worker: int = 0) -> None:
+    """One engine process on uvloop; SIGTERM drains its calls, then it exits."""
     import uvloop
 
     app = create_app(settings)
-    log.info("server.listen", host=settings.host, port=settings.port, url=f"http://{settings.host}:{settings.port}")
+    log.info("server.listen", host=settings.host, port=settings.port, worker=worker,
+             url=f"http://{settings.host}:{settings.port}")
     web.run_app(
         app, host=settings.host, port=settings.port, print=None, access_log=None,
-        loop=uvloop.new_event_loop(), handle_signals=True,
+        loop=uvloop.new_event_loop(), handle_signals=True, reuse_port=settings.workers > 1,
+        shutdown_timeout=settings.shutdown_grace_s + 5.0,
     )
+
+
+def serve(settings: Settings) -> int:
+    if settings.workers > 1:
+        from engine.workers import run_workers
+
+        return run_workers(settings, serve_one)
+    serve_one(settings)
+    return 0
 
 
