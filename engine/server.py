@@ -55,9 +55,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> web.Applicat
     app[ENGINE_KEY] = engine
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    from engine import chat, webhooks
     from engine.transports import twilio
 
     twilio.setup_routes(app)
+    chat.setup_routes(app)
+    webhooks.setup_routes(app)
 
     async def on_startup(app: web.Application) -> None:
         await engine.start()
