@@ -52,9 +52,9 @@ class Call:
         self.info = info
         self.session_id = info.session_id
         self.transport = transport
-        self.output = OutputStream()
         self.stats = engine.metrics.call_started(info.session_id)
         self.backend: Backend = engine.backend_factory(info, self.on_backend_event)
+        self.output = OutputStream(self.backend.output_capacity_s)
         self.turn_taking = self.backend.turn_taking
         self.turns = TurnMachine(engine.turn_config)
         self.vad = engine.new_vad() if self.turn_taking else None

@@ -35,6 +35,9 @@ class CallInfo:
 class Backend(abc.ABC):
     #: whether the call should run VAD and the turn machine for this backend
     turn_taking: bool = True
+    #: how much assistant audio the call may hold ahead of playback (a reply arrives faster than
+    #: real time; the ring's pages are only touched as they fill)
+    output_capacity_s: float = 30.0
 
     def __init__(self, info: CallInfo, emit: Emit) -> None:
         self.info = info
