@@ -108,6 +108,7 @@ cdef class JitterBuffer:
         int64_t cap, mask
         double rate, ms_per_unit, min_delay, max_delay, k_jitter
         int fade_frames
+        bint ordered  # the transport never reorders (TCP): a gap is proven by a later packet
 
         # the ring, allocated once
         uint8_t* data  # cap * fb payload bytes
@@ -157,6 +158,7 @@ cdef class JitterBuffer:
         double max_delay_ms=200.0,
         double jitter_factor=4.0,
         int fade_frames=4,
+        bint ordered=False,
     ):
         if frame_bytes <= 0 or frame_bytes % 2:
             raise ValueError(
@@ -188,6 +190,7 @@ cdef class JitterBuffer:
         self.max_delay = max_delay_ms
         self.k_jitter = jitter_factor
         self.fade_frames = fade_frames
+        self.ordered = ordered
 
         self.data = <uint8_t*>PyMem_Malloc(capacity * frame_bytes)
         self.slot_seq = <int64_t*>PyMem_Malloc(capacity * sizeof(int64_t))
@@ -453,6 +456,10 @@ cdef class JitterBuffer:
         i = self.next_seq & self.mask
         if self.slot_state[i] == SLOT_HELD and self.slot_seq[i] == self.next_seq:
             return C_PACKET
+        if self.ordered:
+            # In order or not at all: a later packet proves the gap at once; with none held, the
+            # next one is merely late (a stalled socket delivers it later), not lost.
+            return C_CONCEALED if self.n_depth > 0 else C_NOTHING
         if now < self._deadline():
             return C_NOTHING
         return C_CONCEALED
@@ -629,7 +636,7 @@ cdef class JitterBuffer:
 
         A caller with its own timer can sleep until then instead of polling every frame.
         """
-        if not self.started or self._ready(-INFINITY) == C_PACKET:
+        if not self.started or self._ready(-INFINITY) == C_PACKET or self.ordered:
             return None
         return self._deadline()
 

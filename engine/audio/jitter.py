@@ -54,6 +54,13 @@ Policies
 - A timestamp gap with contiguous seq is not filled afterwards: if the consumer polled through
   it, concealment already filled it in real time; if not, no audio is invented.
 
+Ordered transports
+------------------
+`ordered=True` is for streams carried over TCP (Twilio Media Streams): packets can arrive late in
+a burst after a stall, but never out of order and never after a later one. There, a missing packet
+is concealed at once when a later packet is held (the sender skipped it: a proven loss) and never
+for lateness alone, so a stall followed by a burst loses nothing. `next_deadline()` is then None.
+
 Driving it
 ----------
 One buffer per inbound stream, on the stream's task::

@@ -178,9 +178,10 @@ class TwilioMediaStream:
         self._bad_total = 0
         self._closing = False
         # inbound
-        # The jitter buffer holds decoded PCM so that concealment can fade the last frame.
-        self._jitter = JitterBuffer(PCM8_FRAME, MULAW_FRAME, 8000, capacity=64, min_delay_ms=0.0,
-                                    max_delay_ms=120.0)
+        # The jitter buffer holds decoded PCM so that concealment can fade the last frame. Media
+        # Streams ride on TCP: a missing `chunk` is concealed as soon as a later one shows the
+        # gap, and frames that are merely late (a stalled socket, then a burst) are never lost.
+        self._jitter = JitterBuffer(PCM8_FRAME, MULAW_FRAME, 8000, capacity=64, ordered=True)
         self._pcm8 = bytearray(PCM8_FRAME)
         self._up = Resampler(8000, 16000)
         self._in_frames = Reframer(PCM16_FRAME)
