@@ -305,3 +305,17 @@ async def test_bad_input_is_skipped_or_closes_only_its_own_socket() -> None:
         assert clicks_heard(good, talk.first_sent or 0.0) == 25
         assert good.active
         await until(lambda: "MZbad" not in served.engine.calls, timeout=5, what="bad call ended")
+
+
+async def test_a_missing_chunk_becomes_one_concealment_frame() -> None:
+    voiced = base64.b64encode(bytes(range(0, 160))).decode()
+    async with serve_engine(Settings(backend="echo")) as served, aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(served.ws_url + "/twilio/stream")
+        await ws.send_str(start_message("MZgap"))
+        for chunk in (1, 2, 4, 5, 6):  # chunk 3 was lost on Twilio's side
+            await ws.send_str(media_message("MZgap", chunk, voiced))
+        await until(lambda: "MZgap" in served.engine.calls, what="call")
+        call = served.engine.calls["MZgap"]
+        await until(lambda: call.stats.frames_in == 6, what="six frames, one of them concealed")
+        assert call.stats.frames_concealed == 1 and call.stats.frames_late == 0
+        await ws.close()
