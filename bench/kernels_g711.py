@@ -2,7 +2,9 @@
 
 Each group times one unit of work (a 20 ms frame or a 60 s buffer) through the native code and
 through the alternatives a reader would otherwise reach for: CPython's audioop (the baseline,
-deprecated and gone in 3.13, so skipped where missing) and a numpy lookup table.
+deprecated and gone in 3.13, so skipped where missing) and a numpy lookup table. The resampler
+groups take as baseline `numpy_fir`, the numpy polyphase FIR the native one replaced, kept here
+(and used by tests/test_resample.py as the reference the native output must match to +-1 LSB).
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from functools import partial
 from types import ModuleType
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from bench.kernel_case import Case
+from engine._native.resample import KERNEL as FIR_KERNEL
+from engine._native.resample import PolyphaseFir
 from engine.audio import g711
-from engine.audio.resample import Resampler
+from engine.audio.resample import Resampler, fir_taps
 from engine.audio.ring import OutputRing
 
 with warnings.catch_warnings():
@@ -163,18 +168,200 @@ def _ring_case() -> Case:
     return Case("ring write+read+ack, 20 ms frame", "native", write_read_ack)
 
 
+# --- the numpy polyphase FIR: the resamplers' baseline and reference ----------------------------
+
+# The engine's FIR design (engine.audio.resample): 30 taps per branch, 14 samples of group
+# delay at the lower rate.
+_FIR_TAPS_PER_PHASE = 30
+_FIR_DELAY_LOW_RATE = 14
+
+
+def _check_even(pcm: bytes) -> int:
+    size = len(pcm)
+    if size & 1:
+        raise ValueError(f"PCM length must be even (int16 samples), got {size} bytes")
+    return size >> 1
+
+
+class _FirOutput:
+    """Float -> int16 conversion in buffers that only grow, so steady chunks allocate nothing
+    here but the returned bytes."""
+
+    __slots__ = ("_acc", "_count", "_pcm")
+
+    def __init__(self) -> None:
+        self._acc = np.empty(0, np.float32)
+        self._pcm = np.empty(0, "<i2")
+        self._count = 0
+
+    def buffer(self, n: int) -> np.ndarray:
+        """A float32 accumulator of n samples for the filter to write into."""
+        if self._acc.size < n:
+            self._acc = np.empty(n, np.float32)
+            self._pcm = np.empty(n, "<i2")
+        self._count = n
+        return self._acc[:n]
+
+    def to_bytes(self) -> bytes:
+        acc = self._acc[: self._count]
+        pcm = self._pcm[: self._count]
+        np.rint(acc, out=acc)
+        np.clip(acc, -32768.0, 32767.0, out=acc)
+        np.copyto(pcm, acc, casting="unsafe")
+        return pcm.tobytes()
+
+
+class _NumpyFirUp:
+    """Interpolation by `factor`: each input sample yields `factor` outputs at once.
+
+    Polyphase: output i*L + p is a dot product of the last K inputs with branch p, so one
+    (n x K) @ (K x L) product over a strided window view gives the interleaved output.
+    """
+
+    def __init__(self, factor: int) -> None:
+        h = fir_taps(factor, 1)  # float32, gain `factor` included
+        k = _FIR_TAPS_PER_PHASE
+        self._k = k
+        self._factor = factor
+        # branches[t, p] multiplies input x[i - (K-1) + t] for output phase p.
+        self._branches = np.ascontiguousarray(h.reshape(k, factor)[::-1], dtype=np.float32)
+        self._work = np.zeros(k - 1, np.float32)
+        self._windows: dict[int, np.ndarray] = {}
+        self._out = _FirOutput()
+
+    def _window(self, n: int) -> np.ndarray:
+        win = self._windows.get(n)
+        if win is None:
+            need = self._k - 1 + n
+            if self._work.size < need:
+                work = np.zeros(need, np.float32)
+                work[: self._k - 1] = self._work[: self._k - 1]
+                self._work = work
+                self._windows.clear()
+            if len(self._windows) >= 8:  # chunk sizes vary: keep the cache small
+                self._windows.clear()
+            step = self._work.strides[0]
+            win = as_strided(self._work, shape=(n, self._k), strides=(step, step), writeable=False)
+            self._windows[n] = win
+        return win
+
+    def process(self, pcm: bytes) -> bytes:
+        n = _check_even(pcm)
+        if n == 0:
+            return b""
+        win = self._window(n)
+        k1 = self._k - 1
+        work = self._work
+        work[k1 : k1 + n] = np.frombuffer(pcm, "<i2")
+        acc = self._out.buffer(n * self._factor)
+        np.dot(win, self._branches, out=acc.reshape(n, self._factor))
+        work[:k1] = work[n : n + k1]
+        return self._out.to_bytes()
+
+    def flush(self) -> bytes:
+        tail = self.process(bytes(2 * _FIR_DELAY_LOW_RATE))
+        self._work[:] = 0.0
+        return tail
+
+
+class _NumpyFirDown:
+    """Decimation by `factor`: output j is the filter over inputs up to j*M.
+
+    Inputs that do not yet complete an output wait in the work buffer (at most M-1 of them).
+    """
+
+    def __init__(self, factor: int) -> None:
+        h = fir_taps(1, factor)
+        self._taps = h.size
+        self._factor = factor
+        self._h = np.ascontiguousarray(h[::-1], dtype=np.float32)
+        self._work = np.zeros(h.size - 1, np.float32)
+        self._fill = h.size - 1  # samples in the work buffer; starts as the filter's history
+        self._windows: dict[int, np.ndarray] = {}
+        self._out = _FirOutput()
+
+    def _window(self, count: int) -> np.ndarray:
+        win = self._windows.get(count)
+        if win is None:
+            if len(self._windows) >= 8:
+                self._windows.clear()
+            step = self._work.strides[0]
+            win = as_strided(
+                self._work,
+                shape=(count, self._taps),
+                strides=(step * self._factor, step),
+                writeable=False,
+            )
+            self._windows[count] = win
+        return win
+
+    def process(self, pcm: bytes) -> bytes:
+        n = _check_even(pcm)
+        fill = self._fill
+        end = fill + n
+        if self._work.size < end:
+            work = np.zeros(end + self._factor, np.float32)
+            work[:fill] = self._work[:fill]
+            self._work = work
+            self._windows.clear()
+        work = self._work
+        work[fill:end] = np.frombuffer(pcm, "<i2")
+        count = (end - self._taps) // self._factor + 1 if end >= self._taps else 0
+        if count == 0:
+            self._fill = end
+            return b""
+        acc = self._out.buffer(count)
+        np.dot(self._window(count), self._h, out=acc)
+        used = count * self._factor
+        keep = end - used
+        work[:keep] = work[used:end]
+        self._fill = keep
+        return self._out.to_bytes()
+
+    def flush(self) -> bytes:
+        zeros = (_FIR_DELAY_LOW_RATE + 1) * self._factor - 1
+        tail = self.process(bytes(2 * zeros))
+        self._work[:] = 0.0
+        self._fill = self._taps - 1
+        return tail
+
+
+def numpy_fir(in_rate: int, out_rate: int) -> _NumpyFirUp | _NumpyFirDown:
+    """The numpy FIR engine that `Resampler(..., quality="fir")` ran before the native kernel,
+    unchanged but for taking its taps from `fir_taps`: float32 sums by BLAS, then rint and clip."""
+    if out_rate > in_rate and out_rate % in_rate == 0:
+        return _NumpyFirUp(out_rate // in_rate)
+    if in_rate > out_rate and in_rate % out_rate == 0:
+        return _NumpyFirDown(in_rate // out_rate)
+    raise ValueError(f"the FIR needs an integer ratio, got {in_rate} -> {out_rate}")
+
+
+RESAMPLE_RATES = ((8000, 16000), (16000, 8000), (48000, 16000), (16000, 48000))
+
+
 def _resample_cases() -> list[Case]:
     cases: list[Case] = []
-    for in_rate, out_rate in ((8000, 16000), (16000, 8000), (48000, 16000)):
+    for in_rate, out_rate in RESAMPLE_RATES:
         group = f"resample {in_rate // 1000}k→{out_rate // 1000}k, 20 ms frame"
         frame = speech_like_pcm(in_rate // 50, rate=in_rate)
-        for name, quality, baseline in (
-            ("soxr HQ stream", "HQ", True),
-            ("soxr LQ stream", "LQ", False),
-            ("fir (default)", "fir", False),
-        ):
-            process = Resampler(in_rate, out_rate, quality=quality).process
-            cases.append(Case(group, name, partial(process, frame), baseline=baseline))
+        up, down = max(1, out_rate // in_rate), max(1, in_rate // out_rate)
+        kernel = PolyphaseFir(fir_taps(up, down), up=up, down=down)
+        buf = bytearray(kernel.output_size(len(frame)))
+        numpy_process = numpy_fir(in_rate, out_rate).process
+        native_process = Resampler(in_rate, out_rate, "fir").process
+        lq_process = Resampler(in_rate, out_rate, "LQ").process
+        hq_process = Resampler(in_rate, out_rate, "HQ").process
+        cases += [
+            Case(group, "numpy fir", partial(numpy_process, frame), baseline=True),
+            # The engine's face (Resampler.process: one Python call over the kernel), and the
+            # bare kernel writing into a reused buffer.
+            Case(group, f"native fir ({FIR_KERNEL})", partial(native_process, frame)),
+            Case(
+                group, f"native fir into ({FIR_KERNEL})", partial(kernel.process_into, frame, buf)
+            ),
+            Case(group, "soxr LQ stream", partial(lq_process, frame)),
+            Case(group, "soxr HQ stream", partial(hq_process, frame)),
+        ]
     return cases
 
 

@@ -1,12 +1,18 @@
-"""Streaming resamplers: tones keep frequency and level, chunk edges leave no trace, delay is low."""
+"""Streaming resamplers: tones keep frequency and level, chunk edges leave no trace, delay is low;
+the native FIR agrees with the numpy engine it replaced (bench.kernels_g711.numpy_fir) to 1 LSB."""
 
 from __future__ import annotations
+
+import array
+from typing import Any
 
 import numpy as np
 import pytest
 import soxr
 
-from engine.audio.resample import Resampler
+from bench.kernels_g711 import numpy_fir
+from engine._native import resample as native
+from engine.audio.resample import Resampler, fir_taps
 
 CHUNK_MS = 20
 
@@ -208,3 +214,173 @@ def test_bad_arguments_are_refused() -> None:
     for rates in ((8000, 16000), (16000, 8000), (24000, 16000), (16000, 16000)):
         with pytest.raises(ValueError, match="even"):
             Resampler(*rates).process(b"\x00\x00\x00")
+
+
+# --- the native FIR kernel against the numpy engine it replaced --------------------------------
+
+FIR_RATES = [
+    (8000, 16000),
+    (16000, 8000),
+    (48000, 16000),
+    (16000, 48000),
+    (8000, 48000),
+    (48000, 8000),
+]
+RAGGED_SIZES = [7, 101, 1, 0, 333, 2, 960, 513, 1600]
+
+
+def loud(rate: int, seconds: float, seed: int = 5) -> np.ndarray:
+    """Noise, a full-scale square wave and a tone back to back: rounding, overshoot, clipping."""
+    rng = np.random.default_rng(seed)
+    n = int(rate * seconds)
+    hiss = np.clip(rng.standard_normal(n) * 16000, -32768, 32767)
+    square = np.where(np.arange(n) // (rate // 200) % 2 == 0, 32767, -32768)
+    return np.concatenate([hiss, square, tone(rate, 440, seconds)]).astype("<i2")
+
+
+def feed(resampler: Any, pcm: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """pcm in chunks of the given sizes (cycled), then flush()."""
+    data, parts, pos, k = pcm.tobytes(), [], 0, 0
+    while pos < pcm.size:
+        size = sizes[k % len(sizes)]
+        parts.append(resampler.process(data[2 * pos : 2 * (pos + size)]))
+        pos, k = pos + size, k + 1
+    parts.append(resampler.flush())
+    return np.frombuffer(b"".join(parts), "<i2")
+
+
+@pytest.mark.parametrize("in_rate, out_rate", FIR_RATES)
+def test_native_fir_matches_the_numpy_engine_to_one_lsb(in_rate: int, out_rate: int) -> None:
+    x = loud(in_rate, 0.2)
+    ours = feed(Resampler(in_rate, out_rate), x, RAGGED_SIZES)
+    reference = feed(numpy_fir(in_rate, out_rate), x, RAGGED_SIZES)
+    assert ours.size == reference.size
+    diff = np.abs(ours.astype(int) - reference.astype(int))
+    assert diff.max() <= 1
+    # Both sum the same float32 products, in a different order: only sums within rounding of a
+    # .5 boundary can land on the other side. A wrong rounding rule or tap would show everywhere.
+    assert np.count_nonzero(diff) <= ours.size // 200
+
+
+@pytest.mark.parametrize("in_rate, out_rate", [(8000, 16000), (48000, 16000)])
+def test_overshoot_saturates_at_the_int16_limits(in_rate: int, out_rate: int) -> None:
+    square = np.where(np.arange(in_rate // 10) // (in_rate // 100) % 2 == 0, 32767, -32768)
+    out = feed(Resampler(in_rate, out_rate), square.astype("<i2"), [in_rate // 50])
+    # The filter rings past full scale at every edge of a full-scale square wave.
+    assert out.max() == 32767 and out.min() == -32768
+    reference = feed(numpy_fir(in_rate, out_rate), square.astype("<i2"), [in_rate // 50])
+    assert np.abs(out.astype(int) - reference.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("in_rate, out_rate", FIR_RATES)
+def test_native_fir_output_does_not_depend_on_how_the_input_is_cut(
+    in_rate: int, out_rate: int
+) -> None:
+    # Chunks across the kernel's internal blocks, waiting samples between calls, one long call
+    # with the GIL released: every output is computed the same way, so they agree bit for bit.
+    x = loud(in_rate, 0.15)
+    whole = feed(Resampler(in_rate, out_rate), x, [x.size])
+    assert np.array_equal(feed(Resampler(in_rate, out_rate), x, RAGGED_SIZES), whole)
+    assert np.array_equal(feed(Resampler(in_rate, out_rate), x, [in_rate // 50]), whole)
+
+
+@pytest.mark.parametrize(
+    "in_rate, out_rate", [(8000, 16000), (48000, 16000), (24000, 16000), (16000, 16000)]
+)
+def test_bytes_bytearray_memoryview_and_arrays_resample_alike(in_rate: int, out_rate: int) -> None:
+    frame = noise(in_rate, 0.02)
+    raw = frame.tobytes()
+    # A memoryview one byte into a buffer: the samples are not 2-byte aligned.
+    shifted = memoryview(b"\x00" + raw)[1:]
+    inputs: list[Any] = [
+        raw,
+        bytearray(raw),
+        memoryview(raw),
+        shifted,
+        frame,
+        array.array("h", raw),
+    ]
+    outputs = [Resampler(in_rate, out_rate).process(pcm) for pcm in inputs]
+    assert all(type(out) is bytes for out in outputs)
+    assert all(out == outputs[0] for out in outputs)
+
+
+def test_flush_after_upsampling_returns_the_tail_and_starts_afresh() -> None:
+    resampler = Resampler(8000, 16000)
+    x = tone(8000, 1000, seconds=0.05)
+    out = stream(resampler, x, 8000, flush=True)
+    lag = round(resampler.delay_ms * 16)
+    assert out.size == 2 * x.size + lag
+    assert np.abs(out[-lag:].astype(int)).max() > 1000
+    assert np.array_equal(stream(resampler, x, 8000), out[: 2 * x.size])
+
+
+def kernel(up: int, down: int) -> native.PolyphaseFir:
+    return native.PolyphaseFir(fir_taps(up, down), up=up, down=down)
+
+
+@pytest.mark.parametrize("up, down", [(2, 1), (1, 2), (1, 3), (3, 1)])
+def test_process_into_writes_what_process_returns(up: int, down: int) -> None:
+    x = noise(16000, 0.1).tobytes()
+    into, plain = kernel(up, down), kernel(up, down)
+    out = bytearray(2 * 1000 * up)
+    pos = 0
+    for size in [7, 101, 1, 0, 333, 2, 320] * 3:
+        chunk = x[2 * pos : 2 * (pos + size)]
+        pos += size
+        expected = plain.process(chunk)
+        assert into.output_size(len(chunk)) == len(expected)
+        written = into.process_into(chunk, out)
+        assert written == len(expected)
+        assert out[:written] == expected
+
+
+def test_process_into_refuses_a_short_or_overlapping_buffer_and_keeps_its_state() -> None:
+    x = noise(16000, 0.04).tobytes()
+    fir, reference = kernel(1, 2), kernel(1, 2)
+    with pytest.raises(ValueError, match="needed"):
+        fir.process_into(x[:640], bytearray(100))
+    shared = bytearray(x[:640])
+    with pytest.raises(ValueError, match="overlaps"):
+        fir.process_into(memoryview(shared)[:640], memoryview(shared)[160:])
+    with pytest.raises(ValueError, match="even"):
+        fir.process_into(x[:3], bytearray(10))
+    # Nothing refused reached the filter.
+    assert fir.process(x) == reference.process(x)
+
+
+def test_reset_forgets_the_stream() -> None:
+    x = noise(16000, 0.05).tobytes()
+    fir = kernel(1, 3)
+    first = fir.process(x[: 1001 * 2])
+    fir.reset()
+    assert fir.process(x[: 1001 * 2]) == first
+
+
+def test_the_portable_and_avx2_builds_give_identical_output() -> None:
+    x = loud(48000, 0.05)
+    try:
+        previous = native.select_kernel("avx2")
+    except ValueError:
+        pytest.skip("this CPU has no AVX2")
+    try:
+        fast = [feed(Resampler(*rates), x, RAGGED_SIZES) for rates in FIR_RATES[:4]]
+        native.select_kernel("portable")
+        portable = [feed(Resampler(*rates), x, RAGGED_SIZES) for rates in FIR_RATES[:4]]
+    finally:
+        native.select_kernel(previous)
+    for a, b in zip(fast, portable, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_the_kernel_refuses_filters_it_cannot_run() -> None:
+    taps = fir_taps(1, 2)
+    with pytest.raises(ValueError, match="one of them 1"):
+        native.PolyphaseFir(taps, up=2, down=2)
+    with pytest.raises(ValueError, match="empty"):
+        native.PolyphaseFir(np.zeros(0, np.float32), down=2)
+    # A gain that could push a sum of int16 samples past where float32 rounds exactly.
+    with pytest.raises(ValueError, match="gain"):
+        native.PolyphaseFir(np.full(60, 4.0, np.float32), down=2)
+    with pytest.raises(ValueError):
+        native.select_kernel("fastest")
