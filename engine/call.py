@@ -89,6 +89,9 @@ class Call:
             await self.backend.close()
         except Exception:
             log.exception("call.backend_close_failed", session=self.session_id)
+        # What the backend dropped on its side counts with the call's own losses.
+        self.stats.frames_dropped_in += getattr(self.backend, "dropped_frames", 0)
+        self.stats.frames_stale += getattr(self.backend, "discarded_chunks", 0)
         self.engine.calls.pop(self.session_id, None)
         self.engine.metrics.call_ended(self.session_id)
         log.info("call.end", session=self.session_id, reason=reason,

@@ -51,9 +51,7 @@ class Engine:
         if name == "local":
             return backend_factory("local", engine=self)
         if name == "vapi":
-            s = self.settings
-            return backend_factory("vapi", api_key=s.vapi_api_key, assistant_id=s.vapi_assistant_id,
-                                   base_url=s.vapi_base_url)
+            return backend_factory("vapi", settings=self.settings, metrics=self.metrics)
         return backend_factory(name)
 
     def new_vad(self) -> Any:
