@@ -7,6 +7,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
+from engine.backends.base import BackendFactory
 from engine.config import Settings
 from engine.runtime import Engine
 from engine.server import ENGINE_KEY, create_app
@@ -24,10 +25,12 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve_engine(settings: Settings | None = None, **overrides: object) -> AsyncIterator[Served]:
-    """The engine serving on a real loopback socket, and the engine object itself."""
+async def serve_engine(settings: Settings | None = None, backend: BackendFactory | None = None,
+                       **overrides: object) -> AsyncIterator[Served]:
+    """The engine serving on a real loopback socket, and the engine object itself. `backend`
+    replaces the factory the settings would choose (to tune a real backend's timeouts)."""
     settings = (settings or Settings(backend="echo")).with_overrides(port=0, **overrides)
-    app = create_app(settings)
+    app = create_app(settings, Engine(settings, backend=backend))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

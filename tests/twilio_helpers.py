@@ -7,6 +7,7 @@ import time
 from typing import AsyncIterator, Callable
 
 from bench.twilio_caller import Ticker, TwilioCaller
+from engine.backends.base import BackendFactory
 from engine.config import Settings
 from tests.servers import Served, serve_engine
 
@@ -21,9 +22,10 @@ async def until(condition: Callable[[], object], timeout: float = 10.0, what: st
 
 
 @contextlib.asynccontextmanager
-async def phone_call(settings: Settings, **caller_options: object) -> AsyncIterator[tuple[Served, TwilioCaller]]:
+async def phone_call(settings: Settings, backend: BackendFactory | None = None,
+                     **caller_options: object) -> AsyncIterator[tuple[Served, TwilioCaller]]:
     """An engine, and one Twilio caller connected to its media stream."""
-    async with serve_engine(settings) as served:
+    async with serve_engine(settings, backend=backend) as served:
         ticker = Ticker()
         caller = TwilioCaller(served.ws_url + "/twilio/stream", ticker, **caller_options)  # type: ignore[arg-type]
         await caller.connect()
