@@ -66,6 +66,8 @@ class Call:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._announcement = -1  # generation of an announcement the engine speaks itself
         self.dtmf: list[str] = []  # keys the caller pressed
+        self.vapi_call_id: str | None = None  # the VAPI call behind this one, if any
+        self._heard: dict[int, asyncio.Event] = {}  # announcements awaiting the caller's ear
         engine.calls[self.session_id] = self
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -78,6 +80,10 @@ class Call:
         except Exception as exc:  # the backend could not be reached: apologise and end
             log.exception("call.backend_start_failed", session=self.session_id)
             self.on_backend_event(BackendError(f"backend start failed: {exc}", fatal=True))
+            return
+        self.vapi_call_id = getattr(self.backend, "call_id", None)
+        if self.vapi_call_id and not self.closed:
+            self.engine.vapi_calls[self.vapi_call_id] = self
 
     async def close(self, reason: str) -> None:
         if self.closed:
@@ -93,6 +99,8 @@ class Call:
         self.stats.frames_dropped_in += getattr(self.backend, "dropped_frames", 0)
         self.stats.frames_stale += getattr(self.backend, "discarded_chunks", 0)
         self.engine.calls.pop(self.session_id, None)
+        if self.vapi_call_id:
+            self.engine.vapi_calls.pop(self.vapi_call_id, None)
         self.engine.metrics.call_ended(self.session_id)
         log.info("call.end", session=self.session_id, reason=reason,
                  duration_s=round((now_ms() - self.started) / 1000.0, 2), **self.stats.as_dict())
@@ -132,6 +140,9 @@ class Call:
 
     def on_heard(self, generation: int, now: float) -> None:
         """The caller has heard utterance `generation` to its end."""
+        heard = self._heard.pop(generation, None)
+        if heard is not None:
+            heard.set()
         if self.turn_taking:
             self.turns.on_reply_heard(generation, now)
             self.transport.notify({"type": "turn", "state": self.turns.state.value})
@@ -189,6 +200,18 @@ class Call:
             assert isinstance(event, Status)
             self.transport.notify({"type": event.kind, **event.data})
 
+    def on_vapi_message(self, message: dict[str, Any]) -> None:
+        """A VAPI server message (webhook) about this call."""
+        kind = message.get("type")
+        if kind == "transfer-request":
+            destination = message.get("destination") or {}
+            number = destination.get("number") if isinstance(destination, dict) else None
+            if isinstance(number, str) and number:
+                self.on_backend_event(TransferRequest(number, self.engine.assistant.handoff))
+            return
+        self.transport.notify({"type": "vapi", "event": kind,
+                               **{k: message[k] for k in ("status", "role", "transcript") if k in message}})
+
     # -- turn actions --------------------------------------------------------------------------
 
     def _act(self, actions: list[TurnAction], now: float) -> None:
@@ -240,12 +263,14 @@ class Call:
         await asyncio.sleep(HANGUP_GRACE_S)
         self.transport.hangup(reason)
 
-    async def _announce(self, text: str, then_end: str | None = None) -> None:
-        """Speak `text` with the local synthesizer, cutting whatever the backend was saying."""
+    async def _announce(self, text: str, then_end: str | None = None, wait_heard: bool = False) -> None:
+        """Speak `text` with the local synthesizer, cutting whatever the backend was saying;
+        with `wait_heard`, return once the caller has heard it (bounded)."""
         from engine.speech.tts import stream
 
         generation = max(self.output.generation, self.output.ring.cancelled_generation, self._announcement) + 1
         self._announcement = generation
+        heard = self._heard[generation] = asyncio.Event()
         if self.output.generation >= 0:
             self.output.cancel(self.output.generation)
             self.transport.cancel(now_ms())
@@ -255,6 +280,12 @@ class Call:
                 self.transport.kick()
         self.output.end(generation)
         self.transport.kick()
+        if wait_heard:
+            queued_s = self.output.unheard / 16000.0
+            try:
+                await asyncio.wait_for(heard.wait(), timeout=queued_s + 2.0)
+            except asyncio.TimeoutError:
+                log.warning("call.announcement_not_confirmed", session=self.session_id)
         if then_end is not None:
             self.end_after_heard(then_end)
 
@@ -262,7 +293,8 @@ class Call:
         self.engine.metrics.transfers += 1
         log.info("transfer.requested", session=self.session_id, destination=request.destination)
         self.transport.notify({"type": "transfer", "state": "connecting", "destination": request.destination})
-        await self._announce(request.message)
+        # The redirect stops the stream at once: the caller must have heard the hand-off first.
+        await self._announce(request.message, wait_heard=True)
         ok = await self.transport.transfer(request.destination)
         log.info("transfer.result", session=self.session_id, ok=ok)
         self.transport.notify({"type": "transfer", "state": "connected" if ok else "failed"})

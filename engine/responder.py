@@ -42,6 +42,7 @@ class AssistantConfig:
     rate_wpm: int = 175
     apology: str = "Sorry, I am having trouble right now. Goodbye."
     handoff: str = "Please hold while I connect you to a person."
+    transfer_digit: str = ""
     turns: dict[str, float] = field(default_factory=dict)
     #: "phrases" (a language model of what the assistant expects to hear) or "general"
     recognition_model: str = "phrases"
@@ -96,6 +97,7 @@ def load_assistant(path: str | Path | None = None) -> tuple[AssistantConfig, Res
         rate_wpm=int(meta.get("rate_wpm", AssistantConfig.rate_wpm)),
         apology=meta.get("apology", AssistantConfig.apology),
         handoff=meta.get("handoff", AssistantConfig.handoff),
+        transfer_digit=str(meta.get("transfer_digit", AssistantConfig.transfer_digit)),
         turns={k: float(v) for k, v in data.get("turns", {}).items()},
         recognition_model=data.get("recognition", {}).get("model", "phrases"),
         recognition_examples=tuple(data.get("recognition", {}).get("examples", ())),

@@ -31,6 +31,8 @@ class Engine:
         self.metrics = Metrics()
         self.started = time.monotonic()
         self.calls: dict[str, "Call"] = {}
+        #: live calls by their VAPI call id, so VAPI's webhooks reach the call they are about
+        self.vapi_calls: dict[str, "Call"] = {}
         self.loop_lag_ms = 0.0
         self.assistant, self.responder = load_assistant(settings.assistant_file)
         self.turn_config = TurnConfig(**{

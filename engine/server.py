@@ -60,6 +60,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> web.Applicat
 
     twilio.setup_routes(app)
     chat.setup_routes(app)
+    app[webhooks.VAPI_CALLS_KEY] = engine.vapi_calls
     webhooks.setup_routes(app)
 
     async def on_startup(app: web.Application) -> None:

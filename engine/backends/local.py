@@ -142,6 +142,11 @@ class LocalBackend(Backend):
         elif reply.hangup:
             self.emit(HangUp("assistant-goodbye"))
 
+    def dtmf(self, digit: str) -> None:
+        if digit == self.config.transfer_digit:
+            log.info("local.transfer_key", session=self.info.session_id, digit=digit)
+            self.emit(TransferRequest(self.engine.settings.transfer_number or "operator", self.config.handoff))
+
     # -- speaking ------------------------------------------------------------------------------
 
     def _say(self, text: str) -> None:
