@@ -5,6 +5,7 @@ and HTTP Basic auth (AccountSid:AuthToken). The stream stops and the call runs t
 """
 from __future__ import annotations
 
+import base64
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -34,11 +35,12 @@ async def redirect_call(engine: Any, account_sid: str, call_sid: str, number: st
     def counted(*_: object) -> None:
         engine.metrics.backend_retries += 1
 
-    async with aiohttp.ClientSession(auth=aiohttp.BasicAuth(sid, token)) as http:
+    credentials = base64.b64encode(f"{sid}:{token}".encode()).decode()
+    async with aiohttp.ClientSession() as http:
         try:
             result = await request_with_retry(
                 http, "POST", url, data={"Twiml": dial_twiml(number)}, on_retry=counted,
-                attempts=3, total_timeout=10.0,
+                attempts=3, total_timeout=10.0, headers={"Authorization": f"Basic {credentials}"},
             )
         except RetryError as exc:
             log.error("transfer.failed", session=session_id, error=str(exc))
