@@ -22,7 +22,7 @@ class Paced(Protocol):
 
 
 class Pacer:
-    def __init__(self, period_ms: float = 10.0) -> None:
+    def __init__(self, period_ms: float = 20.0) -> None:
         self.period_ms = period_ms
         self._streams: set[Paced] = set()
         self._task: asyncio.Task[None] | None = None
