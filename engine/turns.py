@@ -19,7 +19,8 @@ a clock, sleeps or does I/O, so tests drive it on a synthetic clock.
                                                                               UserSpeechStarted
     ASSISTANT_SPEAKING  one speech frame                → PAUSED              PauseOutput
     ASSISTANT_SPEAKING  reply heard to its end          → LISTENING
-    PAUSED              speech ≥ barge_in_debounce      → USER_SPEAKING       CancelOutput,
+    PAUSED              speech since the pause adds up
+                        to ≥ barge_in_debounce          → USER_SPEAKING       CancelOutput,
                                                                               UserSpeechStarted
     PAUSED              speech stopped (silence ≥
                         resume_silence)                 → ASSISTANT_SPEAKING  ResumeOutput
@@ -68,7 +69,8 @@ class TurnConfig:
     #: non-speech frames inside a word or between words that do not break a run of speech
     gap_tolerance_ms: float = 60.0
     #: silence after which speech that paused the assistant is judged over, and playback resumes
-    resume_silence_ms: float = 80.0
+    #: (longer than the pauses between words, so a reply never slips out between two of them)
+    resume_silence_ms: float = 300.0
 
 
 INCOMPLETE_ENDINGS = frozenset(
@@ -99,6 +101,8 @@ class TurnMachine:
         self._onset: float | None = None  # first frame of the current run of speech
         self._last_speech: float | None = None  # last speech frame seen
         self._complete_final = False  # a final transcript that looks complete, this turn
+        self._paused_at: float | None = None  # the speech onset that paused the assistant
+        self._paused_speech_ms = 0.0  # speech heard since the pause, gaps between words excluded
 
     # -- speech runs ---------------------------------------------------------------------------
 
@@ -146,10 +150,15 @@ class TurnMachine:
             if speech and self.generation is not None:
                 assert self._onset is not None
                 self.state = TurnState.PAUSED
+                self._paused_at = self._onset
+                self._paused_speech_ms = cfg.frame_ms
                 return [PauseOutput(self.generation, self._onset)]
         elif state is TurnState.PAUSED:
             assert self.generation is not None
-            if self._run_ms() >= cfg.barge_in_debounce_ms:
+            if speech:
+                self._paused_speech_ms += cfg.frame_ms
+            if self._paused_speech_ms >= cfg.barge_in_debounce_ms:
+                self._onset = self._paused_at
                 return [self._cancel(self.generation, by_backend=False)] + self._user_started()
             if self._silence_ms(now) >= cfg.resume_silence_ms:
                 self._onset = None

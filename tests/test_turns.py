@@ -154,20 +154,32 @@ def test_cancel_happens_exactly_at_the_debounce() -> None:
 def test_short_noise_burst_pauses_then_resumes_the_reply() -> None:
     m, c = speaking_machine()
     c.speech(60)
-    c.silence(200)
+    c.silence(280)
+    assert kinds(c.actions) == [PauseOutput]  # still paused: a pause between words is not the end
+    c.silence(20)
     assert c.actions == [PauseOutput(7, c.actions[0].onset), ResumeOutput(7)]  # type: ignore[attr-defined]
     assert m.state is TurnState.ASSISTANT_SPEAKING
     assert m.cancelled_generation == -1
 
 
-def test_two_bursts_within_200ms_pause_twice_and_cancel_nothing() -> None:
+def test_two_short_bursts_within_200ms_are_one_pause_and_cancel_nothing() -> None:
     m, c = speaking_machine()
     c.speech(60)
     c.silence(100)
     c.speech(60)
-    c.silence(200)
-    assert kinds(c.actions) == [PauseOutput, ResumeOutput, PauseOutput, ResumeOutput]
+    c.silence(400)
+    assert kinds(c.actions) == [PauseOutput, ResumeOutput]
     assert m.cancelled_generation == -1
+
+
+def test_speech_broken_by_pauses_between_words_still_cancels() -> None:
+    m, c = speaking_machine()
+    onset = c.now + FRAME
+    for _ in range(3):  # three 60 ms syllables with 100 ms gaps: never 150 ms in one run
+        c.speech(60)
+        c.silence(100)
+    assert kinds(c.actions) == [PauseOutput, CancelOutput, UserSpeechStarted]
+    assert c.actions[1] == CancelOutput(7, onset, by_backend=False)
 
 
 def test_double_interrupt_within_200ms_is_coalesced_into_one_cancel() -> None:
