@@ -45,6 +45,9 @@ class Settings:
     assistant_file: str | None = None
     stun_servers: tuple[str, ...] = field(default_factory=tuple)
     max_event_loop_lag_ms: float = 250.0
+    #: WebRTC receive path: "engine" (native jitter buffer, Opus PLC/FEC) or "aiortc" (stock, for
+    #: measurements)
+    webrtc_media: str = "engine"
     #: on SIGTERM, how long live calls may go on before they are ended
     shutdown_grace_s: float = 20.0
     #: how much audio the engine keeps queued in Twilio's playback buffer
@@ -88,6 +91,7 @@ class Settings:
             session_ttl_s=float(get("SESSION_TTL_S") or cls.session_ttl_s),
             assistant_file=get("ASSISTANT_FILE"),
             max_event_loop_lag_ms=float(get("MAX_EVENT_LOOP_LAG_MS") or cls.max_event_loop_lag_ms),
+            webrtc_media=get("WEBRTC_MEDIA") or cls.webrtc_media,
             shutdown_grace_s=float(get("SHUTDOWN_GRACE_S") or cls.shutdown_grace_s),
             twilio_lead_ms=float(get("TWILIO_LEAD_MS") or cls.twilio_lead_ms),
             stun_servers=tuple(s.strip() for s in stun.split(",") if s.strip()) if stun else (),

@@ -56,9 +56,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> web.Applicat
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     from engine import chat, webhooks
-    from engine.transports import twilio
+    from engine.transports import twilio, webrtc
 
     twilio.setup_routes(app)
+    webrtc.setup_routes(app)
     chat.setup_routes(app)
     app[webhooks.VAPI_CALLS_KEY] = engine.vapi_calls
     webhooks.setup_routes(app)
