@@ -42,6 +42,9 @@ PCM8_FRAME = 320  # bytes of 8 kHz int16 = 20 ms
 PCM16_FRAME = 640  # bytes of 16 kHz int16 = 20 ms
 MULAW_SILENCE = b"\xff" * MULAW_FRAME
 PCM16_SILENCE = bytes(PCM16_FRAME)
+#: audio sent within this much of "played" is not yet taken as heard, over the learned playout lag:
+#: resuming a paused reply may repeat a few frames, but never skips any
+HEARD_MARGIN_MS = 60.0
 MAX_MESSAGE = 64 * 1024  # a media message is ~300 bytes; anything near this is not Twilio
 MAX_BAD_MESSAGES = 200  # a socket that sends nothing but garbage is closed after this many
 LOGGED_PER_KIND = 5  # bad-input log lines per kind per call before they are only counted
@@ -422,11 +425,11 @@ class TwilioMediaStream:
         in_buffer_ms = self._buffer_end - now
         if in_buffer_ms < 0:
             in_buffer_ms = 0.0
-        unheard = int((in_buffer_ms + self._play_lag_ms) * 16) + self._out_frames.pending()
+        unheard = int((in_buffer_ms + self._play_lag_ms + HEARD_MARGIN_MS) * 16) + self._out_frames.pending()
         target = output.ring.read_pos - unheard
         if target > output.ring.ack_pos:
             output.heard_up_to(target)
-        busy = (self._buffer_end + self._play_lag_ms > now or output.ring.queued > 0
+        busy = (self._buffer_end + self._play_lag_ms + HEARD_MARGIN_MS > now or output.ring.queued > 0
                 or self._out_frames.pending() > 0)
         if not busy:
             self._registered = False
