@@ -62,7 +62,7 @@ from engine.retry import (
     parse_retry_after,
     request_with_retry,
 )
-from engine.server import ENGINE_KEY, json_error, json_response
+from engine.server import ENGINE_KEY, json_error, json_response, read_capped
 from engine.sessions import (
     Session,
     SessionExpired,
@@ -72,7 +72,7 @@ from engine.sessions import (
     StoreUnavailable,
     attach_store,
 )
-from engine.webhooks import inline_assistant, read_capped
+from engine.webhooks import inline_assistant
 
 log = get_logger("chat")
 

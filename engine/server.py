@@ -24,6 +24,18 @@ def json_error(status: int, message: str) -> web.Response:
     return json_response({"error": message}, status=status)
 
 
+async def read_capped(request: web.Request, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it is known to exceed `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 @web.middleware
 async def errors_as_json(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -61,7 +61,7 @@ from prometheus_client.registry import Collector
 from engine.config import Settings
 from engine.log import get_logger
 from engine.responder import AssistantConfig, Responder, load_assistant
-from engine.server import ENGINE_KEY, json_error, json_response
+from engine.server import ENGINE_KEY, json_error, json_response, read_capped
 from engine.sessions import SessionStore, StoreUnavailable, attach_store
 from engine.tools import REGISTRY, ToolContext, ToolOutcome, ToolRegistry
 
@@ -114,18 +114,6 @@ class WebhookStats:
 
 
 WEBHOOK_STATS_KEY = web.AppKey("vapi_webhook_stats", WebhookStats)
-
-
-async def read_capped(request: web.Request, limit: int) -> bytes | None:
-    """The whole request body, or None as soon as it is known to exceed `limit` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,23 +25,30 @@ class Served:
 
 
 @contextlib.asynccontextmanager
+async def serve_app(app: web.Application, **runner_options: object) -> AsyncIterator[str]:
+    """Runs any aiohttp app on a free loopback port; yields its base URL (http://127.0.0.1:PORT)."""
+    runner = web.AppRunner(app, access_log=None, **runner_options)  # type: ignore[arg-type]
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def serve_engine(settings: Settings | None = None, backend: BackendFactory | None = None,
                        **overrides: object) -> AsyncIterator[Served]:
     """The engine serving on a real loopback socket, and the engine object itself. `backend`
     replaces the factory the settings would choose (to tune a real backend's timeouts)."""
     settings = (settings or Settings(backend="echo")).with_overrides(port=0, **overrides)
     app = create_app(settings, Engine(settings, backend=backend))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    engine = app[ENGINE_KEY]
-    engine.base_url = f"http://127.0.0.1:{port}"
-    try:
-        yield Served(engine.base_url, engine, app)
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        engine = app[ENGINE_KEY]
+        engine.base_url = url
+        yield Served(url, engine, app)
 
 
 @contextlib.asynccontextmanager

@@ -19,6 +19,7 @@ from engine.server import ENGINE_KEY, create_app
 from engine.sessions import STORE_KEY, RedisStore, SessionStore
 from tests.redis_server import RedisServer
 from tests.vapi_standin import VapiStandin
+from tests.servers import serve_app
 
 TTL = 60.0
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, total_timeout=5.0)
@@ -68,16 +69,9 @@ async def serving(
     backend = app[CHAT_KEY].backend
     if isinstance(backend, VapiChat):
         backend.retry = FAST_RETRY
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve_app(app) as base:
         async with aiohttp.ClientSession() as http:
-            yield Served(f"http://127.0.0.1:{port}", app, http)
-    finally:
-        await runner.cleanup()
+            yield Served(f"{base}", app, http)
 
 
 async def read_sse(resp: aiohttp.ClientResponse) -> list[dict[str, Any]]:
@@ -451,22 +445,15 @@ async def test_vapi_stream_breaking_midway_ends_with_an_error_event() -> None:
 
     vapi = web.Application()
     vapi.router.add_post("/chat", vapi_chat)
-    runner = web.AppRunner(vapi, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve_app(vapi) as base:
         settings = Settings(backend="echo", vapi_api_key="k", vapi_assistant_id="asst-1",
-                            vapi_base_url=f"http://127.0.0.1:{port}")
+                            vapi_base_url=f"{base}")
         async with serving(settings) as s:
             async with s.http.post(f"{s.url}/chat", json={"sessionId": "s1", "message": "hi"},
                                    headers={"Accept": "text/event-stream"}) as resp:
                 assert resp.status == 200
                 events = await read_sse(resp)
             status, after = await s.chat("s1", "again")
-    finally:
-        await runner.cleanup()
     assert events[0] == {"type": "delta", "delta": "Hello "}
     assert events[-1]["type"] == "error" and "broke" in events[-1]["error"]
     assert (status, after["reply"], after["turn"]) == (200, "fine now", 1)

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from engine.retry import RetryError, request_with_retry
+from tests.servers import serve_app
 
 
 @dataclass
@@ -48,15 +49,8 @@ async def scripted(script: Script) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_route("*", "/x", handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/x"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app, shutdown_timeout=0.5) as base:
+        yield f"{base}/x"
 
 
 @dataclass

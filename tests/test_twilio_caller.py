@@ -23,6 +23,7 @@ from aiohttp import WSMsgType, web
 
 from bench.relay import create_app as create_relay
 from bench.twilio import make_click, synthetic_speech
+from tests.servers import serve_app
 from bench.twilio_caller import (
     FRAME_S,
     SILENCE,
@@ -41,15 +42,8 @@ QUIET_GAP = SILENCE * 5  # 100 ms of silence after each click keeps the clicks a
 @contextlib.asynccontextmanager
 async def serving(app: web.Application) -> AsyncIterator[str]:
     """Runs `app` on a free loopback port; yields the stream URL."""
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"ws://127.0.0.1:{port}/twilio/stream"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as base:
+        yield f"ws{base[4:]}/twilio/stream"
 
 
 class Scripted:

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
+from tests.servers import serve_app
 from tests.vapi_standin import (
     MALFORMED_FRAMES,
     SignedWebhook,
@@ -411,15 +412,8 @@ async def receiver() -> AsyncIterator[tuple[str, list[tuple[bytes, dict[str, str
 
     app = web.Application()
     app.router.add_post("/vapi/webhook", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/vapi/webhook", seen
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as base:
+        yield f"{base}/vapi/webhook", seen
 
 
 def verify(secret: str, scheme: str, body: bytes, headers: dict[str, str],

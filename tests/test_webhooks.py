@@ -19,6 +19,7 @@ from engine.server import create_app
 from engine.sessions import STORE_KEY, SessionStore
 from engine.tools import OPENING_HOURS
 from engine.webhooks import VAPI_CALLS_KEY, WEBHOOK_STATS_KEY, WebhookStats, authenticate
+from tests.servers import serve_app
 from tests.vapi_standin import (
     STALE_AGE_S,
     Scheme,
@@ -78,16 +79,9 @@ async def serving(**overrides: Any) -> AsyncIterator[Served]:
     settings = replace(Settings(backend="echo", vapi_webhook_secret=SECRET, port=0), **overrides)
     app = create_app(settings)
     webhooks.setup_routes(app)  # a no-op once create_app does it
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve_app(app) as base:
         async with aiohttp.ClientSession() as http:
-            yield Served(f"http://127.0.0.1:{port}", app, http)
-    finally:
-        await runner.cleanup()
+            yield Served(f"{base}", app, http)
 
 
 def tool_calls(*calls: tuple[str, str, Any], call_id: str = "call-1") -> dict[str, Any]:

@@ -45,8 +45,10 @@ _BYTES_PER_MS: Final = SAMPLE_RATE * 2 // 1000
 #: audio handed to pocketsphinx per call: how long the event loop may wait for the GIL
 _PIECE_BYTES: Final = 20 * _BYTES_PER_MS
 _WORD = re.compile(r"[a-z']+")
-#: decoders the shared pool may hold, over all models (ASR_DECODERS in the environment)
-DEFAULT_POOL_SIZE: Final = 4
+#: decoders the shared pool may hold, over all models (ASR_DECODERS in the environment): one per
+#: caller speaking at once. A phrase-model decoder takes ~4 MB, so this bounds memory to ~250 MB;
+#: a caller who finds the pool empty waits for a decoder, and their turn is answered late.
+DEFAULT_POOL_SIZE: Final = 64
 
 
 def _normalize(text: str) -> list[str]:
@@ -269,7 +271,7 @@ def _shared_executor() -> ThreadPoolExecutor:
 
 
 def shared_pool() -> DecoderPool:
-    """The process-wide pool; its size comes from ASR_DECODERS (default 4)."""
+    """The process-wide pool; its size comes from ASR_DECODERS (default 64)."""
     global _pool
     with _globals_lock:
         if _pool is None:

@@ -904,24 +904,12 @@ WEBRTC_KEY = web.AppKey("webrtc", WebRTCSessions)
 # ---------------------------------------------------------------------------------------------
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes | None:
-    """The body, or None when it is longer than `limit` (read no further than that)."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
-
-
 async def handle_offer(request: web.Request) -> web.Response:
-    from engine.server import ENGINE_KEY, json_error, json_response
+    from engine.server import ENGINE_KEY, json_error, json_response, read_capped
 
     engine = request.app[ENGINE_KEY]
     sessions = request.app[WEBRTC_KEY]
-    body = await _read_body(request, MAX_OFFER_BYTES)
+    body = await read_capped(request, MAX_OFFER_BYTES)
     if body is None:
         return json_error(413, f"offer larger than {MAX_OFFER_BYTES} bytes")
     try:
