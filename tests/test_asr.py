@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import asyncio
+import warnings
 
 import pytest
 
-from engine.speech.asr import DecoderPool, LanguageModel, Recognizer
-from tests.speech import DEMO_PHRASES, frames, mix_at_snr, noise, silence, speech
+from engine.audio.resample import Resampler
+from engine.speech.asr import PHRASE_DECODER_OPTIONS, DecoderPool, LanguageModel, Recognizer
+from tests.speech import DEMO_PHRASES, frames, mix_at_snr, noise, silence, speech, to_8k_mulaw
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop  # a reference mu-law decoder; fine in test code
 
 PHRASES = [
     *DEMO_PHRASES,
@@ -36,11 +42,17 @@ def caller_audio(text: str) -> bytes:
     return mix_at_snr(pcm, noise(1.0, -60, seed=11), 35)
 
 
-async def recognize(text: str, model: LanguageModel, pool: DecoderPool) -> tuple[str, list[str]]:
+def phone_audio(text: str) -> bytes:
+    """`caller_audio` as it reaches the recognizer from a phone: 8 kHz mu-law, back to 16 kHz."""
+    return Resampler(8000, 16000).process(audioop.ulaw2lin(to_8k_mulaw(caller_audio(text)), 2))
+
+
+async def recognize(text: str, model: LanguageModel, pool: DecoderPool,
+                    audio: bytes | None = None) -> tuple[str, list[str]]:
     rec = Recognizer(model, pool=pool)
     await rec.begin()
     partials: list[str] = []
-    for i, frame in enumerate(frames(caller_audio(text))):
+    for i, frame in enumerate(frames(caller_audio(text) if audio is None else audio)):
         partial = rec.feed(frame)
         if partial is not None:
             partials.append(partial)
@@ -57,6 +69,22 @@ async def test_phrase_model_recognizes_the_demo_phrases(text: str, model: Langua
     got = final.split()
     hits = sum(1 for w in expected if w in got)
     assert hits >= len(expected) - 1, final
+
+
+@pytest.mark.parametrize("text", DEMO_PHRASES)
+async def test_phrase_model_recognizes_the_demo_phrases_over_a_phone_line(
+        text: str, model: LanguageModel, pool: DecoderPool) -> None:
+    final, _ = await recognize(text, model, pool, phone_audio(text))
+    expected = text.lower().split()
+    got = final.split()
+    hits = sum(1 for w in expected if w in got)
+    assert hits >= len(expected) - 1, final
+
+
+def test_phrase_decoders_use_the_fast_decoding_options(model: LanguageModel) -> None:
+    decoder = model.make_decoder()
+    for name, value in PHRASE_DECODER_OPTIONS.items():
+        assert decoder.config[name] == value, name
 
 
 async def test_partials_arrive_before_the_final_and_grow(model: LanguageModel,
