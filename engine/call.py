@@ -219,7 +219,7 @@ class Call:
             kind = type(action)
             if kind is PauseOutput:
                 assert isinstance(action, PauseOutput)
-                log.info("barge_in.detected", session=self.session_id, t=round(action.onset, 1),
+                log.info("barge_in.detected", session=self.session_id, t=round(action.onset, 3),
                          generation=action.generation)
                 self.transport.pause(now)
                 self.engine.metrics.barge_in_latency.observe(max(0.0, now_ms() - action.onset) / 1000.0)

@@ -482,7 +482,9 @@ class TwilioMediaStream:
         self._paused = True
         self._send_clear(now)
         rewound = self.call.output.rewind()
-        log.info("barge_in.output_paused", session=self.session_id, t=round(now, 1), rewound_ms=rewound // 16)
+        # `t` is when the clear left (the frame that triggered it arrived at `now`)
+        log.info("barge_in.output_paused", session=self.session_id, t=round(time.monotonic() * 1000.0, 3),
+                 rewound_ms=rewound // 16)
 
     def resume(self, now: float) -> None:
         if not self._paused:
