@@ -594,7 +594,9 @@ def advertise_opus_receive_options(sdp: str) -> str:
     if match is None or f"a=fmtp:{match.group(1)} " in sdp:
         return sdp
     line = f"a=fmtp:{match.group(1)} useinbandfec=1;maxplaybackrate=16000;stereo=0\r\n"
-    end = sdp.index("\n", match.end()) + 1
+    end = sdp.find("\n", match.end()) + 1
+    if end == 0:  # the rtpmap is the last line and has no line end
+        return sdp + "\r\n" + line
     return sdp[:end] + line + sdp[end:]
 
 
