@@ -16,11 +16,11 @@ from functools import partial
 from types import ModuleType
 
 import numpy as np
+from engine._native.resample import KERNEL as FIR_KERNEL
+from engine._native.resample import PolyphaseFir
 from numpy.lib.stride_tricks import as_strided
 
 from bench.kernel_case import Case
-from engine._native.resample import KERNEL as FIR_KERNEL
-from engine._native.resample import PolyphaseFir
 from engine.audio import g711
 from engine.audio.resample import Resampler, fir_taps
 from engine.audio.ring import OutputRing

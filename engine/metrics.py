@@ -4,6 +4,7 @@ Per-frame counts are plain integer attributes on each call's `CallStats` (an att
 no lock, no label lookup). At scrape time a collector sums the live calls and the totals of calls
 that have ended. Rare events (a turn, a barge-in) go straight into prometheus-client histograms.
 """
+
 from __future__ import annotations
 
 import time
@@ -55,18 +56,29 @@ class Metrics(Collector):
         self.registry.register(self)
         buckets_ms = (5, 10, 20, 40, 60, 80, 100, 150, 200, 300, 500, 800, 1200, 2000, 5000)
         self.relay_latency = Histogram(
-            "engine_relay_latency_seconds", "Inbound frame to outbound frame on the echo path",
-            buckets=[b / 1000 for b in buckets_ms], registry=self.registry)
+            "engine_relay_latency_seconds",
+            "Inbound frame to outbound frame on the echo path",
+            buckets=[b / 1000 for b in buckets_ms],
+            registry=self.registry,
+        )
         self.response_latency = Histogram(
-            "engine_response_latency_seconds", "End of the caller's turn to first reply audio sent",
-            buckets=[b / 1000 for b in buckets_ms], registry=self.registry)
+            "engine_response_latency_seconds",
+            "End of the caller's turn to first reply audio sent",
+            buckets=[b / 1000 for b in buckets_ms],
+            registry=self.registry,
+        )
         self.barge_in_latency = Histogram(
-            "engine_barge_in_seconds", "Caller speech onset detected to output stopped",
-            buckets=[b / 1000 for b in (0.5, 1, 2, 5, 10, 20, 40, 60, 100)], registry=self.registry)
+            "engine_barge_in_seconds",
+            "Caller speech onset detected to output stopped",
+            buckets=[b / 1000 for b in (0.5, 1, 2, 5, 10, 20, 40, 60, 100)],
+            registry=self.registry,
+        )
         self.loop_lag = Histogram(
-            "engine_event_loop_lag_seconds", "How late the event loop ran a timer",
+            "engine_event_loop_lag_seconds",
+            "How late the event loop ran a timer",
             buckets=[b / 1000 for b in (1, 2, 5, 10, 20, 50, 100, 250, 500, 1000)],
-            registry=self.registry)
+            registry=self.registry,
+        )
 
     def call_started(self, session_id: str) -> CallStats:
         stats = CallStats()
@@ -95,16 +107,34 @@ class Metrics(Collector):
         for name, value in self.totals().items():
             yield CounterMetricFamily(f"engine_{name}", dict(FRAME_COUNTERS)[name], value=value)
         yield CounterMetricFamily("engine_calls", "Calls started", value=self.calls_total)
-        yield CounterMetricFamily("engine_calls_shed", "Calls refused under load", value=self.calls_shed)
-        yield CounterMetricFamily("engine_backend_errors", "Backend failures", value=self.backend_errors)
-        yield CounterMetricFamily("engine_backend_retries", "Backend request retries", value=self.backend_retries)
-        yield CounterMetricFamily("engine_transfers", "Calls handed to a person", value=self.transfers)
-        yield CounterMetricFamily("engine_bad_messages", "Malformed or unexpected messages skipped", value=self.bad_messages)
+        yield CounterMetricFamily(
+            "engine_calls_shed", "Calls refused under load", value=self.calls_shed
+        )
+        yield CounterMetricFamily(
+            "engine_backend_errors", "Backend failures", value=self.backend_errors
+        )
+        yield CounterMetricFamily(
+            "engine_backend_retries", "Backend request retries", value=self.backend_retries
+        )
+        yield CounterMetricFamily(
+            "engine_transfers", "Calls handed to a person", value=self.transfers
+        )
+        yield CounterMetricFamily(
+            "engine_bad_messages",
+            "Malformed or unexpected messages skipped",
+            value=self.bad_messages,
+        )
         yield GaugeMetricFamily("engine_active_calls", "Calls in progress", value=self.active_calls)
-        yield GaugeMetricFamily("engine_active_sessions", "Live sessions", value=self.active_sessions())
+        yield GaugeMetricFamily(
+            "engine_active_sessions", "Live sessions", value=self.active_sessions()
+        )
         depth = sum(s.jitter_depth for s in self._live.values())
-        yield GaugeMetricFamily("engine_jitter_depth_frames", "Frames held in jitter buffers", value=depth)
-        yield GaugeMetricFamily("engine_uptime_seconds", "Seconds since start", value=time.time() - self.started)
+        yield GaugeMetricFamily(
+            "engine_jitter_depth_frames", "Frames held in jitter buffers", value=depth
+        )
+        yield GaugeMetricFamily(
+            "engine_uptime_seconds", "Seconds since start", value=time.time() - self.started
+        )
 
     def describe(self) -> Iterable[object]:
         return []

@@ -14,8 +14,8 @@ a clock, sleeps or does I/O, so tests drive it on a synthetic clock.
                         silence ≥ early_silence         → THINKING            EndOfTurn(transcript)
     USER_SPEAKING       reply started                   → ASSISTANT_SPEAKING
     THINKING            reply started                   → ASSISTANT_SPEAKING
-    THINKING            speech ≥ barge_in_debounce      → USER_SPEAKING       CancelOutput (the reply
-                                                                              being prepared),
+    THINKING            speech ≥ barge_in_debounce      → USER_SPEAKING       CancelOutput (of the
+                                                                              reply in the making),
                                                                               UserSpeechStarted
     ASSISTANT_SPEAKING  one speech frame                → PAUSED              PauseOutput
     ASSISTANT_SPEAKING  reply heard to its end          → LISTENING
@@ -24,14 +24,15 @@ a clock, sleeps or does I/O, so tests drive it on a synthetic clock.
                                                                               UserSpeechStarted
     PAUSED              speech stopped (silence ≥
                         resume_silence)                 → ASSISTANT_SPEAKING  ResumeOutput
-    any but LISTENING   backend interrupted             → USER_SPEAKING or    CancelOutput(by_backend)
-                                                          LISTENING
+    any but LISTENING   backend interrupted             → USER_SPEAKING or    CancelOutput
+                                                          LISTENING           (by_backend)
 
 Barge-in is two steps so the caller is never talked over, yet a cough does not kill a reply: the
 first speech frame pauses playback at once; only speech that lasts the debounce cancels the reply.
 A second interruption while one is in hand is coalesced: a paused reply is not paused again, and a
 generation is cancelled at most once.
 """
+
 from __future__ import annotations
 
 import enum
@@ -112,7 +113,11 @@ class TurnMachine:
             if self._onset is None or self._last_speech is None or now - self._last_speech > gap:
                 self._onset = now
             self._last_speech = now
-        elif self._onset is not None and self._last_speech is not None and now - self._last_speech > gap:
+        elif (
+            self._onset is not None
+            and self._last_speech is not None
+            and now - self._last_speech > gap
+        ):
             self._onset = None
 
     def _run_ms(self) -> float:
@@ -193,7 +198,11 @@ class TurnMachine:
     def on_backend_interrupted(self, generation: int | None, now: float) -> list[TurnAction]:
         """The backend decided by itself that the assistant was interrupted."""
         target = self.generation if generation is None else generation
-        if target is None or target <= self.cancelled_generation or self.state is TurnState.LISTENING:
+        if (
+            target is None
+            or target <= self.cancelled_generation
+            or self.state is TurnState.LISTENING
+        ):
             return []
         action = self._cancel(target, by_backend=True)
         if self._run_ms() > 0:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import functools
 import math
-import wave
 import warnings
+import wave
 from collections.abc import Sequence
 from pathlib import Path
 

@@ -18,8 +18,8 @@ from engine.config import Settings
 from engine.server import ENGINE_KEY, create_app
 from engine.sessions import STORE_KEY, RedisStore, SessionStore
 from tests.redis_server import RedisServer
-from tests.vapi_standin import VapiStandin
 from tests.servers import serve_app
+from tests.vapi_standin import VapiStandin
 
 TTL = 60.0
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, total_timeout=5.0)

@@ -1,5 +1,6 @@
 """Hostile input for the parsers: whatever arrives, nothing raises out of them, nothing grows
 without bound, and a call that is fed garbage still takes good frames afterwards."""
+
 from __future__ import annotations
 
 import asyncio
@@ -48,32 +49,71 @@ class WebSocket:
 
 
 def media(chunk: int, payload: bytes = b"\xff" * 160) -> str:
-    return json.dumps({"event": "media", "streamSid": SID, "media": {
-        "track": "inbound", "chunk": str(chunk), "timestamp": str(chunk * 20),
-        "payload": base64.b64encode(payload).decode()}})
+    return json.dumps(
+        {
+            "event": "media",
+            "streamSid": SID,
+            "media": {
+                "track": "inbound",
+                "chunk": str(chunk),
+                "timestamp": str(chunk * 20),
+                "payload": base64.b64encode(payload).decode(),
+            },
+        }
+    )
 
 
-START = json.dumps({"event": "start", "streamSid": SID, "start": {
-    "streamSid": SID, "accountSid": "AC1", "callSid": "CA1", "tracks": ["inbound"],
-    "customParameters": {}, "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000,
-                                            "channels": 1}}})
+START = json.dumps(
+    {
+        "event": "start",
+        "streamSid": SID,
+        "start": {
+            "streamSid": SID,
+            "accountSid": "AC1",
+            "callSid": "CA1",
+            "tracks": ["inbound"],
+            "customParameters": {},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        },
+    }
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=12,
 )
 events = st.sampled_from(["media", "start", "mark", "dtmf", "stop", "connected", "clear", "x", ""])
 messages = st.one_of(
     st.text(max_size=200),
     st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
-    st.builds(lambda e, extra: json.dumps({"event": e, "streamSid": SID, **extra}), events,
-              st.dictionaries(st.sampled_from(["media", "start", "mark", "dtmf", "stop", "streamSid"]),
-                              json_values, max_size=3)),
-    st.builds(lambda chunk, payload: media(chunk, payload), st.integers(-5, 2**20),
-              st.binary(max_size=400)),
-    st.builds(lambda chunk, text: json.dumps({"event": "media", "streamSid": SID, "media": {
-        "chunk": str(chunk), "timestamp": "x", "payload": text}}), st.integers(0, 100), st.text(max_size=50)),
+    st.builds(
+        lambda e, extra: json.dumps({"event": e, "streamSid": SID, **extra}),
+        events,
+        st.dictionaries(
+            st.sampled_from(["media", "start", "mark", "dtmf", "stop", "streamSid"]),
+            json_values,
+            max_size=3,
+        ),
+    ),
+    st.builds(
+        lambda chunk, payload: media(chunk, payload),
+        st.integers(-5, 2**20),
+        st.binary(max_size=400),
+    ),
+    st.builds(
+        lambda chunk, text: json.dumps(
+            {
+                "event": "media",
+                "streamSid": SID,
+                "media": {"chunk": str(chunk), "timestamp": "x", "payload": text},
+            }
+        ),
+        st.integers(0, 100),
+        st.text(max_size=50),
+    ),
 )
 
 
@@ -85,7 +125,7 @@ def test_twilio_messages_never_break_a_call(garbage: list[str]) -> None:
         stream = twilio.TwilioMediaStream(engine, WebSocket(), Request())  # type: ignore[arg-type]
         await stream._on_message_async(START)
         assert stream.call is not None
-        for i, text in enumerate(garbage):
+        for text in garbage:
             if text.startswith('{"event":"media"'):
                 stream._on_message(text)
             else:
@@ -108,9 +148,19 @@ def test_twilio_messages_never_break_a_call(garbage: list[str]) -> None:
 sdp_lines = st.lists(
     st.one_of(
         st.text(max_size=60),
-        st.sampled_from(["v=0", "m=audio 9 UDP/TLS/RTP/SAVPF 111 0", "a=rtpmap:111 opus/48000/2",
-                         "a=fmtp:111 minptime=10;useinbandfec=0", "a=fmtp:111", "a=rtpmap:",
-                         "m=video 9 RTP/AVP 96", "a=fmtp:abc x", "c=IN IP4 0.0.0.0"]),
+        st.sampled_from(
+            [
+                "v=0",
+                "m=audio 9 UDP/TLS/RTP/SAVPF 111 0",
+                "a=rtpmap:111 opus/48000/2",
+                "a=fmtp:111 minptime=10;useinbandfec=0",
+                "a=fmtp:111",
+                "a=rtpmap:",
+                "m=video 9 RTP/AVP 96",
+                "a=fmtp:abc x",
+                "c=IN IP4 0.0.0.0",
+            ]
+        ),
     ),
     max_size=20,
 )
@@ -125,8 +175,6 @@ def test_answer_rewriting_takes_any_sdp_text(lines: list[str], eol: str) -> None
     assert len(out) <= len(sdp) + 200 * (sdp.count("a=fmtp") + 1)
 
 
-
-
 def _random_json(rng: random.Random, depth: int = 0) -> Any:
     kind = rng.randrange(7 if depth < 3 else 5)
     if kind == 0:
@@ -134,16 +182,39 @@ def _random_json(rng: random.Random, depth: int = 0) -> Any:
     if kind == 1:
         return rng.choice([True, False, 0, -1, 2**40, 1.5])
     if kind == 2:
-        return rng.choice(["", "x", "tool-calls", "assistant-request", "end-of-call-report",
-                           "transcript", "status-update", "\u0000", "é" * 3])
+        return rng.choice(
+            [
+                "",
+                "x",
+                "tool-calls",
+                "assistant-request",
+                "end-of-call-report",
+                "transcript",
+                "status-update",
+                "\u0000",
+                "é" * 3,
+            ]
+        )
     if kind == 3:
         return rng.random()
     if kind == 4:
         return "".join(chr(rng.randrange(32, 0x2FF)) for _ in range(rng.randrange(12)))
     if kind == 5:
         return [_random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
-    keys = ["message", "type", "call", "id", "toolCallList", "function", "name", "arguments",
-            "timestamp", "transcript", "role", "status"]
+    keys = [
+        "message",
+        "type",
+        "call",
+        "id",
+        "toolCallList",
+        "function",
+        "name",
+        "arguments",
+        "timestamp",
+        "transcript",
+        "role",
+        "status",
+    ]
     return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randrange(5))}
 
 
@@ -156,8 +227,10 @@ async def test_signed_garbage_webhooks_get_a_4xx_or_200_never_a_crash() -> None:
 
     rng = random.Random(7)
     secret = "fuzz-secret"
-    async with serve_engine(Settings(backend="echo", vapi_webhook_secret=secret)) as served, \
-            aiohttp.ClientSession() as http:
+    async with (
+        serve_engine(Settings(backend="echo", vapi_webhook_secret=secret)) as served,
+        aiohttp.ClientSession() as http,
+    ):
         statuses: dict[int, int] = {}
         for i in range(300):
             if i % 3 == 0:
@@ -168,8 +241,9 @@ async def test_signed_garbage_webhooks_get_a_4xx_or_200_never_a_crash() -> None:
                     value = {"message": value if isinstance(value, dict) else {"type": value}}
                 body = json.dumps(value).encode()
             signed = sign_webhook(body, scheme="hmac", secret=secret)
-            async with http.post(served.url + "/vapi/webhook", data=signed.body,
-                                 headers=signed.headers) as resp:
+            async with http.post(
+                served.url + "/vapi/webhook", data=signed.body, headers=signed.headers
+            ) as resp:
                 statuses[resp.status] = statuses.get(resp.status, 0) + 1
                 assert resp.status in (200, 400), (resp.status, body[:80], await resp.text())
         assert statuses.get(400, 0) > 50 and statuses.get(200, 0) > 10

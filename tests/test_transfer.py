@@ -1,5 +1,6 @@
 """Escalation to a person: the caller hears a hand-off line and the live Twilio call is
 redirected to the human number through Twilio's REST API (a local stand-in)."""
+
 from __future__ import annotations
 
 import time
@@ -18,25 +19,40 @@ HUMAN = "+15550002222"
 
 async def test_asking_for_a_person_redirects_the_call_to_the_human_number() -> None:
     async with TwilioRestStandin(ACCOUNT_SID, TOKEN, fail_429=1) as rest:
-        settings = Settings(backend="local", twilio_auth_token=TOKEN, twilio_api_base=rest.base_url,
-                            transfer_number=HUMAN)
+        settings = Settings(
+            backend="local",
+            twilio_auth_token=TOKEN,
+            twilio_api_base=rest.base_url,
+            transfer_number=HUMAN,
+        )
         async with serve_engine(settings) as served, aiohttp.ClientSession() as http:
             ticker = Ticker()
             call_sid = "CA" + "7" * 32
-            params = await fetch_stream_parameters(http, served.url + "/twilio/voice", call_sid=call_sid,
-                                                   auth_token=TOKEN)
+            params = await fetch_stream_parameters(
+                http, served.url + "/twilio/voice", call_sid=call_sid, auth_token=TOKEN
+            )
             assert params is not None
-            caller = TwilioCaller(served.ws_url + "/twilio/stream", ticker, session=http,
-                                  custom_parameters=params, call_sid=call_sid)
+            caller = TwilioCaller(
+                served.ws_url + "/twilio/stream",
+                ticker,
+                session=http,
+                custom_parameters=params,
+                call_sid=call_sid,
+            )
             try:
                 await caller.connect()
-                await until(lambda: caller.stats()["marks_echoed"] >= 1, timeout=15, what="greeting")
-                # The demo's keypad shortcut to a person (speech works too, but offline recognition of
-                # phone audio is not reliable enough to drive a deterministic test).
+                await until(
+                    lambda: caller.stats()["marks_echoed"] >= 1, timeout=15, what="greeting"
+                )
+                # The demo's keypad shortcut to a person (speech works too, but offline
+                # recognition of phone audio is not reliable enough to drive a deterministic test).
                 pressed = time.monotonic()
                 caller.send_dtmf("0")
-                await until(lambda: any(u.status == 200 for u in rest.updates), timeout=20,
-                            what="the call redirected")
+                await until(
+                    lambda: any(u.status == 200 for u in rest.updates),
+                    timeout=20,
+                    what="the call redirected",
+                )
                 ok = [u for u in rest.updates if u.status == 200][0]
                 assert ok.call_sid == call_sid
                 assert f"<Dial>{HUMAN}</Dial>" in ok.form["Twiml"]

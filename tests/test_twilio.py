@@ -1,5 +1,6 @@
 """The phone path end to end: Twilio's webhook and Media Streams against the real engine, with a
 Twilio stand-in caller on real loopback sockets."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,15 +18,24 @@ from tests.servers import serve_engine
 from tests.speech import noise, speech, to_8k_mulaw
 from tests.twilio_helpers import phone_call, until
 
-FORM = {"CallSid": "CA" + "1" * 32, "AccountSid": "AC" + "2" * 32, "From": '+1 <Bob> & "Co"',
-        "To": "+15550001111", "CallStatus": "ringing", "Direction": "inbound", "ApiVersion": "2010-04-01"}
+FORM = {
+    "CallSid": "CA" + "1" * 32,
+    "AccountSid": "AC" + "2" * 32,
+    "From": '+1 <Bob> & "Co"',
+    "To": "+15550001111",
+    "CallStatus": "ringing",
+    "Direction": "inbound",
+    "ApiVersion": "2010-04-01",
+}
 
 
 def parse_twiml(text: str) -> tuple[str, dict[str, str]]:
     root = ElementTree.fromstring(text)
     stream = root.find("./Connect/Stream")
     assert stream is not None, text
-    return stream.attrib["url"], {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
+    return stream.attrib["url"], {
+        p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")
+    }
 
 
 # -- the voice webhook --------------------------------------------------------------------------
@@ -44,7 +54,10 @@ async def test_voice_webhook_connects_a_bidirectional_stream() -> None:
 
 
 async def test_voice_webhook_uses_public_url_with_wss() -> None:
-    async with serve_engine(public_url="https://voice.example.com") as served, aiohttp.ClientSession() as http:
+    async with (
+        serve_engine(public_url="https://voice.example.com") as served,
+        aiohttp.ClientSession() as http,
+    ):
         async with http.post(served.url + "/twilio/voice", data=FORM) as resp:
             url, _ = parse_twiml(await resp.text())
     assert url == "wss://voice.example.com/twilio/stream"
@@ -53,7 +66,10 @@ async def test_voice_webhook_uses_public_url_with_wss() -> None:
 async def test_signature_is_required_when_the_auth_token_is_set() -> None:
     token = "secret-token"
     public = "https://voice.example.com"
-    async with serve_engine(public_url=public, twilio_auth_token=token) as served, aiohttp.ClientSession() as http:
+    async with (
+        serve_engine(public_url=public, twilio_auth_token=token) as served,
+        aiohttp.ClientSession() as http,
+    ):
         url = served.url + "/twilio/voice"
         async with http.post(url, data=FORM) as resp:
             assert resp.status == 401
@@ -77,18 +93,24 @@ async def test_stream_token_is_single_use_when_checks_are_on() -> None:
     token = "secret-token"
     async with serve_engine(twilio_auth_token=token) as served, aiohttp.ClientSession() as http:
         sig = twilio_signature(served.url + "/twilio/voice", FORM, token)
-        async with http.post(served.url + "/twilio/voice", data=FORM, headers={"X-Twilio-Signature": sig}) as resp:
+        async with http.post(
+            served.url + "/twilio/voice", data=FORM, headers={"X-Twilio-Signature": sig}
+        ) as resp:
             _, params = parse_twiml(await resp.text())
         ticker = Ticker()
         try:
             tokenless = TwilioCaller(served.ws_url + "/twilio/stream", ticker, session=http)
             await tokenless.connect()
             await until(lambda: tokenless.closed_at is not None, what="tokenless stream closed")
-            good = TwilioCaller(served.ws_url + "/twilio/stream", ticker, session=http, custom_parameters=params)
+            good = TwilioCaller(
+                served.ws_url + "/twilio/stream", ticker, session=http, custom_parameters=params
+            )
             await good.connect()
             await asyncio.sleep(0.2)
             assert good.active and len(served.engine.calls) == 1
-            replay = TwilioCaller(served.ws_url + "/twilio/stream", ticker, session=http, custom_parameters=params)
+            replay = TwilioCaller(
+                served.ws_url + "/twilio/stream", ticker, session=http, custom_parameters=params
+            )
             await replay.connect()
             await until(lambda: replay.closed_at is not None, what="replayed token rejected")
             assert good.active
@@ -119,7 +141,7 @@ def clicks_heard(caller: TwilioCaller, since: float) -> int:
     """Clicks heard back: loud frames more than 60 ms after the previous loud frame (resampling
     may spread one click over two frames, and jitter may put an empty slot between them)."""
     clicks, last = 0, -1.0
-    for at, loud in zip(caller.heard, caller.heard_loud):
+    for at, loud in zip(caller.heard, caller.heard_loud, strict=True):
         if loud and at >= since:
             if at - last > 0.06:
                 clicks += 1
@@ -148,10 +170,14 @@ async def test_caller_hears_the_greeting_then_an_answer() -> None:
         question = caller.speak(to_8k_mulaw(speech("what are your opening hours")))
         await question.finished()
         asked = question.last_loud_sent or time.monotonic()
-        await until(lambda: caller.first_audio_after(asked) is not None, timeout=10, what="the answer")
+        await until(
+            lambda: caller.first_audio_after(asked) is not None, timeout=10, what="the answer"
+        )
         reply_at = caller.first_audio_after(asked)
         assert reply_at is not None and reply_at - asked < 2.0
-        await until(lambda: caller.stats()["marks_echoed"] >= 2, timeout=20, what="answer heard to its end")
+        await until(
+            lambda: caller.stats()["marks_echoed"] >= 2, timeout=20, what="answer heard to its end"
+        )
         assert caller.stats()["clears_received"] == 0
         assert caller.underruns == 0
 
@@ -171,7 +197,9 @@ async def reply_playing(caller: TwilioCaller, text: str = "what are your opening
 async def test_barge_in_clears_and_nothing_stale_follows() -> None:
     async with phone_call(Settings(backend="local")) as (served, caller):
         await reply_playing(caller)
-        interruption = caller.speak(to_8k_mulaw(speech("no stop, I would like to book an appointment")))
+        interruption = caller.speak(
+            to_8k_mulaw(speech("no stop, I would like to book an appointment"))
+        )
         onset = await interruption.started()
         await until(lambda: caller.clears_received >= 1, timeout=5, what="clear")
         clear_at = caller.clears[0]
@@ -187,7 +215,9 @@ async def test_barge_in_clears_and_nothing_stale_follows() -> None:
         call = next(iter(served.engine.calls.values()))
         assert call.turns.cancelled_generation >= 2
         # and the caller's new turn is answered
-        await until(lambda: caller.first_audio_after(speech_end) is not None, timeout=10, what="new answer")
+        await until(
+            lambda: caller.first_audio_after(speech_end) is not None, timeout=10, what="new answer"
+        )
 
 
 def loud_frames_of_reply(caller: TwilioCaller, since: float) -> int:
@@ -205,7 +235,11 @@ async def test_a_short_noise_burst_pauses_and_resumes_without_losing_audio() -> 
                 noisy = to_8k_mulaw(noise(0.06, -12.0, seed=3))
                 caller.speak(noisy)
                 await until(lambda: caller.clears_received >= 1, timeout=5, what="pause")
-            await until(lambda: caller.stats()["marks_echoed"] >= 2, timeout=20, what="answer heard to its end")
+            await until(
+                lambda: caller.stats()["marks_echoed"] >= 2,
+                timeout=20,
+                what="answer heard to its end",
+            )
             heard.append(loud_frames_of_reply(caller, asked))
             call = next(iter(served.engine.calls.values()))
             assert call.turns.cancelled_generation == -1
@@ -218,22 +252,32 @@ async def test_dtmf_reaches_the_call() -> None:
     async with phone_call(Settings(backend="echo")) as (served, caller):
         caller.send_dtmf("5")
         caller.send_dtmf("#")
-        await until(lambda: served.engine.calls and next(iter(served.engine.calls.values())).dtmf == ["5", "#"],
-                    timeout=5, what="dtmf")
+        await until(
+            lambda: (
+                served.engine.calls and next(iter(served.engine.calls.values())).dtmf == ["5", "#"]
+            ),
+            timeout=5,
+            what="dtmf",
+        )
 
 
 # -- bad input ---------------------------------------------------------------------------------
 
 
 def start_message(sid: str) -> str:
-    return ('{"event":"start","sequenceNumber":"1","streamSid":"%s","start":{"accountSid":"AC1",'
-            '"streamSid":"%s","callSid":"CA1","tracks":["inbound"],"customParameters":{},'
-            '"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}' % (sid, sid))
+    return (
+        '{"event":"start","sequenceNumber":"1","streamSid":"%s","start":{"accountSid":"AC1",'
+        '"streamSid":"%s","callSid":"CA1","tracks":["inbound"],"customParameters":{},'
+        '"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}' % (sid, sid)
+    )
 
 
 def media_message(sid: str, chunk: int, payload: str) -> str:
-    return ('{"event":"media","sequenceNumber":"%d","streamSid":"%s","media":{"track":"inbound",'
-            '"chunk":"%d","timestamp":"%d","payload":"%s"}}' % (chunk + 1, sid, chunk, chunk * 20, payload))
+    return (
+        '{"event":"media","sequenceNumber":"%d","streamSid":"%s","media":{"track":"inbound",'
+        '"chunk":"%d","timestamp":"%d","payload":"%s"}}'
+        % (chunk + 1, sid, chunk, chunk * 20, payload)
+    )
 
 
 async def close_code(ws: aiohttp.ClientWebSocketResponse) -> int | None:
@@ -248,7 +292,10 @@ async def close_code(ws: aiohttp.ClientWebSocketResponse) -> int | None:
 
 async def test_bad_input_is_skipped_or_closes_only_its_own_socket() -> None:
     silence = base64.b64encode(b"\xff" * 160).decode()
-    async with phone_call(Settings(backend="echo")) as (served, good), aiohttp.ClientSession() as http:
+    async with (
+        phone_call(Settings(backend="echo")) as (served, good),
+        aiohttp.ClientSession() as http,
+    ):
         talk = good.speak(click_train(25))  # five seconds of clicks while the bad sockets misbehave
         metrics = served.engine.metrics
         url = served.ws_url + "/twilio/stream"
@@ -266,7 +313,9 @@ async def test_bad_input_is_skipped_or_closes_only_its_own_socket() -> None:
         skipped_after_start = [
             media_message("MZsomeoneelse", 2, silence),  # wrong streamSid
             media_message("MZbad", 3, "!!!notbase64!!!"),
-            media_message("MZbad", 4, base64.b64encode(b"\xff" * 100).decode()),  # odd length: padded
+            media_message(
+                "MZbad", 4, base64.b64encode(b"\xff" * 100).decode()
+            ),  # odd length: padded
             '{"event":"media","streamSid":"MZbad","media":{"payload":5}}',
             '{"event":"dtmf","streamSid":"MZbad","dtmf":{"digit":"xyz"}}',
             '{"event":"mark","streamSid":"MZbad","mark":{}}',
@@ -274,11 +323,16 @@ async def test_bad_input_is_skipped_or_closes_only_its_own_socket() -> None:
         for text in skipped_after_start:
             await ws.send_str(text)
         await ws.send_str(media_message("MZbad", 5, silence))
-        await until(lambda: metrics.bad_messages >= len(skipped) + len(skipped_after_start), timeout=5,
-                    what="bad messages counted")
+        await until(
+            lambda: metrics.bad_messages >= len(skipped) + len(skipped_after_start),
+            timeout=5,
+            what="bad messages counted",
+        )
         assert not ws.closed
         bad_call = served.engine.calls["MZbad"]
-        await until(lambda: bad_call.stats.frames_in >= 2, timeout=5, what="good frames after bad ones")
+        await until(
+            lambda: bad_call.stats.frames_in >= 2, timeout=5, what="good frames after bad ones"
+        )
         # a binary frame is not Media Streams: that socket (only) is closed, 1003
         await ws.send_bytes(b"\x00\x01")
         assert await close_code(ws) == 1003

@@ -23,7 +23,6 @@ from aiohttp import WSMsgType, web
 
 from bench.relay import create_app as create_relay
 from bench.twilio import make_click, synthetic_speech
-from tests.servers import serve_app
 from bench.twilio_caller import (
     FRAME_S,
     SILENCE,
@@ -34,6 +33,7 @@ from bench.twilio_caller import (
     parse_stream_twiml,
     twilio_signature,
 )
+from tests.servers import serve_app
 
 LOUD = make_click(3)[:160]  # one loud frame
 QUIET_GAP = SILENCE * 5  # 100 ms of silence after each click keeps the clicks apart

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
 from engine._native.vadkern import frame_energy_dbfs
+
 from engine.audio.vad import (
     EnergyVad,
     SpeechEnd,

@@ -18,8 +18,8 @@ from engine.events import (
     HangUp,
     Interrupted,
     Status,
-    TransferRequest,
     Transcript,
+    TransferRequest,
     UtteranceEnd,
 )
 from tests.vapi_standin import MALFORMED_FRAMES, VapiStandin, frames, room_noise, speech_like

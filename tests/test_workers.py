@@ -1,4 +1,5 @@
 """Start-up from the command line, several workers on one port, and draining on SIGTERM."""
+
 from __future__ import annotations
 
 import asyncio
@@ -38,8 +39,21 @@ async def wait_healthy(url: str, timeout: float = 30.0) -> dict:
 async def test_cli_serves_with_two_workers_on_one_port_and_stops_on_sigterm() -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--port", str(port), "--workers", "2", "--backend", "echo"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "SHUTDOWN_GRACE_S": "1"},
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--backend",
+            "echo",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "SHUTDOWN_GRACE_S": "1"},
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -47,7 +61,9 @@ async def test_cli_serves_with_two_workers_on_one_port_and_stops_on_sigterm() ->
         workers = set()
         for _ in range(60):
             # a new connection each time, so the kernel may pick either worker
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True)
+            ) as http:
                 async with http.get(url + "/health") as resp:
                     body = await resp.json()
             assert body["status"] == "ok"

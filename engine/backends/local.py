@@ -6,6 +6,7 @@ change. At the end of the turn the final text goes to the responder, and its ans
 eSpeak NG in chunks, so the first audio leaves within tens of milliseconds. Recognition and
 synthesis run off the event loop. Each answer is one generation; `interrupt` stops its synthesis.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,8 +19,8 @@ from engine.events import (
     AudioChunk,
     BackendError,
     HangUp,
-    TransferRequest,
     Transcript,
+    TransferRequest,
     UtteranceEnd,
 )
 from engine.log import get_logger
@@ -45,7 +46,11 @@ def recognition_model(engine: "Engine") -> "LanguageModel":
     key = (config.recognition_model, phrases)
     model = _models.get(key)
     if model is None:
-        model = LanguageModel.general() if config.recognition_model == "general" else LanguageModel.from_phrases(phrases)
+        model = (
+            LanguageModel.general()
+            if config.recognition_model == "general"
+            else LanguageModel.from_phrases(phrases)
+        )
         _models[key] = model
     return model
 
@@ -119,10 +124,12 @@ class LocalBackend(Backend):
         self.generation += 1
         generation = self.generation
         self._speaking = asyncio.get_running_loop().create_task(
-            self._answer(recognizer, started, generation))
+            self._answer(recognizer, started, generation)
+        )
 
-    async def _answer(self, recognizer: "Recognizer | None", started: asyncio.Task[None] | None,
-                      generation: int) -> None:
+    async def _answer(
+        self, recognizer: "Recognizer | None", started: asyncio.Task[None] | None, generation: int
+    ) -> None:
         text = ""
         if recognizer is not None:
             try:
@@ -138,14 +145,22 @@ class LocalBackend(Backend):
         log.info("local.reply", session=self.info.session_id, heard=text, intent=reply.intent)
         await self._speak(reply.text, generation)
         if reply.transfer:
-            self.emit(TransferRequest(self.engine.settings.transfer_number or "operator", self.config.handoff))
+            self.emit(
+                TransferRequest(
+                    self.engine.settings.transfer_number or "operator", self.config.handoff
+                )
+            )
         elif reply.hangup:
             self.emit(HangUp("assistant-goodbye"))
 
     def dtmf(self, digit: str) -> None:
         if digit == self.config.transfer_digit:
             log.info("local.transfer_key", session=self.info.session_id, digit=digit)
-            self.emit(TransferRequest(self.engine.settings.transfer_number or "operator", self.config.handoff))
+            self.emit(
+                TransferRequest(
+                    self.engine.settings.transfer_number or "operator", self.config.handoff
+                )
+            )
 
     # -- speaking ------------------------------------------------------------------------------
 

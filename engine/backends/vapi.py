@@ -47,8 +47,8 @@ from engine.events import (
     HangUp,
     Interrupted,
     Status,
-    TransferRequest,
     Transcript,
+    TransferRequest,
     UtteranceEnd,
 )
 from engine.log import get_logger

@@ -10,6 +10,7 @@ Outgoing frames are written straight to the socket (a prebuilt JSON template and
 WebSocket frame), with no await and no task per frame. Bad input never takes the server down: it is
 counted, logged with the session id, and skipped, or it closes only this socket with a fitting code.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -56,7 +57,9 @@ TOKEN_TTL_S = 120.0
 # ---------------------------------------------------------------------------------------------
 
 
-def twilio_signature(url: str, params: Mapping[str, str] | list[tuple[str, str]], token: str) -> str:
+def twilio_signature(
+    url: str, params: Mapping[str, str] | list[tuple[str, str]], token: str
+) -> str:
     """X-Twilio-Signature of a form POST: HMAC-SHA1 over the URL and the sorted parameters."""
     items = sorted(params.items() if isinstance(params, Mapping) else params)
     data = url + "".join(k + v for k, v in items)
@@ -80,7 +83,8 @@ def _url_variants(url: str) -> list[str]:
 
 def signature_valid(url: str, params: list[tuple[str, str]], signature: str, token: str) -> bool:
     return any(
-        hmac.compare_digest(twilio_signature(u, params, token), signature) for u in _url_variants(url)
+        hmac.compare_digest(twilio_signature(u, params, token), signature)
+        for u in _url_variants(url)
     )
 
 
@@ -96,13 +100,18 @@ def public_base(request: web.Request, public_url: str | None) -> str:
 def stream_url(base: str) -> str:
     """Twilio requires wss://; plain http is kept only for loopback development (ws://)."""
     parts = urlsplit(base)
-    scheme = "ws" if parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1") else "wss"
+    scheme = (
+        "ws"
+        if parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
+        else "wss"
+    )
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/twilio/stream", "", ""))
 
 
 def twiml_stream(url: str, parameters: Mapping[str, str]) -> str:
     params = "".join(
-        f"\n      <Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in parameters.items()
+        f"\n      <Parameter name={quoteattr(k)} value={quoteattr(v)}/>"
+        for k, v in parameters.items()
     )
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n<Response>\n  <Connect>\n'
@@ -110,7 +119,9 @@ def twiml_stream(url: str, parameters: Mapping[str, str]) -> str:
     )
 
 
-TWIML_BUSY = '<?xml version="1.0" encoding="UTF-8"?>\n<Response>\n  <Reject reason="busy"/>\n</Response>\n'
+TWIML_BUSY = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Response>\n  <Reject reason="busy"/>\n</Response>\n'
+)
 
 
 class StreamTokens:
@@ -153,7 +164,11 @@ async def voice_webhook(request: web.Request) -> web.Response:
         engine.metrics.calls_shed += 1
         log.warning("voice.shed", call_sid=call_sid, loop_lag_ms=round(engine.loop_lag_ms, 1))
         return web.Response(text=TWIML_BUSY, content_type="text/xml")
-    parameters = {"callSid": call_sid, "from": str(form.get("From", "")), "token": engine.stream_tokens.issue()}
+    parameters = {
+        "callSid": call_sid,
+        "from": str(form.get("From", "")),
+        "token": engine.stream_tokens.issue(),
+    }
     log.info("voice.incoming", call_sid=call_sid, caller=parameters["from"])
     return web.Response(text=twiml_stream(stream_url(base), parameters), content_type="text/xml")
 
@@ -196,7 +211,9 @@ class TwilioMediaStream:
         self._lead_ms = engine.settings.twilio_lead_ms
         self._buffer_end = 0.0  # when Twilio will have played everything sent (monotonic ms)
         self._frames_sent = 0
-        self._marks_due: list[tuple[int, int, int]] = []  # (after frame n, generation, end position)
+        self._marks_due: list[
+            tuple[int, int, int]
+        ] = []  # (after frame n, generation, end position)
         self._marks_pending: dict[str, tuple[int, int, float]] = {}  # name → (generation, end, due)
         # How much later than the engine's model the caller actually hears audio (network, the
         # carrier's playout grid). Learned from mark echoes; what is sent within this much of
@@ -221,10 +238,14 @@ class TwilioMediaStream:
                         await self._on_message_async(data)
                 elif msg.type is WSMsgType.BINARY:
                     self._reject("binary-frame", len(msg.data))
-                    await self._close(WSCloseCode.UNSUPPORTED_DATA, "binary frames are not Media Streams")
+                    await self._close(
+                        WSCloseCode.UNSUPPORTED_DATA, "binary frames are not Media Streams"
+                    )
                     break
                 elif msg.type is WSMsgType.ERROR:
-                    log.warning("stream.socket_error", session=self.session_id, error=str(ws.exception()))
+                    log.warning(
+                        "stream.socket_error", session=self.session_id, error=str(ws.exception())
+                    )
                     break
                 if self._closing:
                     break
@@ -249,7 +270,9 @@ class TwilioMediaStream:
             log.info("stream.stop", session=self.session_id)
             await self._close(WSCloseCode.OK, "stream stopped")
         elif event == "connected":
-            log.debug("stream.connected", protocol=message.get("protocol"), version=message.get("version"))
+            log.debug(
+                "stream.connected", protocol=message.get("protocol"), version=message.get("version")
+            )
         else:
             self._reject("unknown-event", event)
 
@@ -315,8 +338,17 @@ class TwilioMediaStream:
             self._reject("second-start")
             return
         start = message.get("start")
-        sid = message.get("streamSid") or (start.get("streamSid") if isinstance(start, dict) else None)
-        if not isinstance(start, dict) or not isinstance(sid, str) or not sid or len(sid) > 64 or '"' in sid or "\\" in sid:
+        sid = message.get("streamSid") or (
+            start.get("streamSid") if isinstance(start, dict) else None
+        )
+        if (
+            not isinstance(start, dict)
+            or not isinstance(sid, str)
+            or not sid
+            or len(sid) > 64
+            or '"' in sid
+            or "\\" in sid
+        ):
             self._reject("bad-start")
             await self._close(WSCloseCode.POLICY_VIOLATION, "malformed start message")
             return
@@ -324,7 +356,11 @@ class TwilioMediaStream:
         if not isinstance(params, dict):
             params = {}
         fmt = start.get("mediaFormat") or {}
-        if isinstance(fmt, dict) and fmt and (fmt.get("encoding") != "audio/x-mulaw" or int(fmt.get("sampleRate", 8000)) != 8000):
+        if (
+            isinstance(fmt, dict)
+            and fmt
+            and (fmt.get("encoding") != "audio/x-mulaw" or int(fmt.get("sampleRate", 8000)) != 8000)
+        ):
             self._reject("unsupported-media-format", fmt)
             await self._close(WSCloseCode.UNSUPPORTED_DATA, "only audio/x-mulaw at 8000 Hz")
             return
@@ -340,7 +376,10 @@ class TwilioMediaStream:
         self.call_sid = start.get("callSid") or params.get("callSid")
         self._prefix = b'{"event":"media","streamSid":"' + sid.encode() + b'","media":{"payload":"'
         info = CallInfo(
-            session_id=sid, transport="twilio", caller=params.get("from") or None, call_sid=self.call_sid,
+            session_id=sid,
+            transport="twilio",
+            caller=params.get("from") or None,
+            call_sid=self.call_sid,
             metadata={k: v for k, v in params.items() if k != "token"},
         )
         log.info("stream.start", session=sid, call_sid=self.call_sid, caller=info.caller)
@@ -379,12 +418,18 @@ class TwilioMediaStream:
         self._bad_total += 1
         self.engine.metrics.bad_messages += 1
         if count <= LOGGED_PER_KIND or count % 1000 == 0:
-            log.warning("stream.bad_input", session=self.session_id, kind=kind, count=count,
-                        detail=None if detail is None else str(detail)[:120])
+            log.warning(
+                "stream.bad_input",
+                session=self.session_id,
+                kind=kind,
+                count=count,
+                detail=None if detail is None else str(detail)[:120],
+            )
         if self._bad_total == MAX_BAD_MESSAGES and not self._closing:
             self._closing = True
             asyncio.get_running_loop().create_task(
-                self._close(WSCloseCode.INVALID_TEXT, "too many malformed messages"))
+                self._close(WSCloseCode.INVALID_TEXT, "too many malformed messages")
+            )
 
     # -- outbound ------------------------------------------------------------------------------
 
@@ -414,8 +459,13 @@ class TwilioMediaStream:
                 if socket.get_write_buffer_size() > self.write_limit:
                     call.stats.frames_dropped_out += 1  # the caller's socket is not reading: trim
                 else:
-                    socket.write(ws_text_frame(
-                        self._prefix + binascii.b2a_base64(ulaw_encode(frame), newline=False) + b'"}}'))
+                    socket.write(
+                        ws_text_frame(
+                            self._prefix
+                            + binascii.b2a_base64(ulaw_encode(frame), newline=False)
+                            + b'"}}'
+                        )
+                    )
                     call.stats.frames_out += 1
                 self._frames_sent += 1
                 while self._marks_due and self._marks_due[0][0] <= self._frames_sent:
@@ -425,12 +475,18 @@ class TwilioMediaStream:
         in_buffer_ms = self._buffer_end - now
         if in_buffer_ms < 0:
             in_buffer_ms = 0.0
-        unheard = int((in_buffer_ms + self._play_lag_ms + HEARD_MARGIN_MS) * 16) + self._out_frames.pending()
+        unheard = (
+            int((in_buffer_ms + self._play_lag_ms + HEARD_MARGIN_MS) * 16)
+            + self._out_frames.pending()
+        )
         target = output.ring.read_pos - unheard
         if target > output.ring.ack_pos:
             output.heard_up_to(target)
-        busy = (self._buffer_end + self._play_lag_ms + HEARD_MARGIN_MS > now or output.ring.queued > 0
-                or self._out_frames.pending() > 0)
+        busy = (
+            self._buffer_end + self._play_lag_ms + HEARD_MARGIN_MS > now
+            or output.ring.queued > 0
+            or self._out_frames.pending() > 0
+        )
         if not busy:
             self._registered = False
         return busy
@@ -483,8 +539,12 @@ class TwilioMediaStream:
         self._send_clear(now)
         rewound = self.call.output.rewind()
         # `t` is when the clear left (the frame that triggered it arrived at `now`)
-        log.info("barge_in.output_paused", session=self.session_id, t=round(time.monotonic() * 1000.0, 3),
-                 rewound_ms=rewound // 16)
+        log.info(
+            "barge_in.output_paused",
+            session=self.session_id,
+            t=round(time.monotonic() * 1000.0, 3),
+            rewound_ms=rewound // 16,
+        )
 
     def resume(self, now: float) -> None:
         if not self._paused:
@@ -516,7 +576,9 @@ class TwilioMediaStream:
         if not self.call_sid or not self.account_sid:
             log.warning("transfer.no_call_sid", session=self.session_id)
             return False
-        return await redirect_call(self.engine, self.account_sid, self.call_sid, destination, self.session_id)
+        return await redirect_call(
+            self.engine, self.account_sid, self.call_sid, destination, self.session_id
+        )
 
     # -- teardown ------------------------------------------------------------------------------
 

@@ -67,7 +67,6 @@ import ctypes
 import ctypes.util
 import fractions
 import functools
-import os
 import re
 import secrets
 import time
@@ -787,7 +786,8 @@ class WebRTCSession:
         """A browser caller cannot be dialled through; the page shows that an agent is being
         connected, and the operator's system acts on the `agent-requested` event (on the page's
         events socket and in the logs, with the session id)."""
-        self.notify({"type": "agent-requested", "sessionId": self.session_id, "destination": destination})
+        self.notify({"type": "agent-requested", "sessionId": self.session_id,
+                     "destination": destination})
         log.info("transfer.agent_requested", session=self.session_id, destination=destination)
         return True
 
