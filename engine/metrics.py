@@ -27,14 +27,24 @@ FRAME_COUNTERS = (
 
 
 class CallStats:
-    """Plain counters for one call; summed into /metrics at scrape time."""
+    """Plain counters for one call (one per FRAME_COUNTERS entry); summed into /metrics at
+    scrape time."""
 
     __slots__ = tuple(name for name, _ in FRAME_COUNTERS) + ("jitter_depth",)
 
+    frames_in: int
+    frames_out: int
+    frames_concealed: int
+    frames_late: int
+    frames_dropped_in: int
+    frames_dropped_out: int
+    frames_stale: int
+    underruns: int
+    jitter_depth: int
+
     def __init__(self) -> None:
-        for name, _ in FRAME_COUNTERS:
+        for name in self.__slots__:
             setattr(self, name, 0)
-        self.jitter_depth = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

@@ -300,7 +300,7 @@ class TwilioMediaStream:
         if message.get("streamSid") != self.stream_sid:
             self._reject("wrong-streamSid", message.get("streamSid"))
             return
-        media = message.get("media")
+        media: Any = message.get("media")  # checked by the except below, not before
         try:
             if media.get("track", "inbound") not in ("inbound", "inbound_track"):
                 return
