@@ -1,13 +1,13 @@
 """Assistants behind one small interface (`base.Backend`): vapi, local, echo."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from engine.backends.base import Backend, BackendFactory
 
 
-def backend_factory(name: str, **options: object) -> "BackendFactory":
+def backend_factory(name: str, **options: Any) -> "BackendFactory":
     """The factory for a backend by name ("echo", "local", "vapi")."""
     if name == "echo":
         from engine.backends.echo import EchoBackend
