@@ -84,6 +84,8 @@ class Call:
         self.vapi_call_id = getattr(self.backend, "call_id", None)
         if self.vapi_call_id and not self.closed:
             self.engine.vapi_calls[self.vapi_call_id] = self
+            if self.engine.cluster is not None:  # so other workers can route its webhooks here
+                self.engine.cluster.register_call(self.vapi_call_id)
 
     async def close(self, reason: str) -> None:
         if self.closed:
@@ -101,6 +103,8 @@ class Call:
         self.engine.calls.pop(self.session_id, None)
         if self.vapi_call_id:
             self.engine.vapi_calls.pop(self.vapi_call_id, None)
+            if self.engine.cluster is not None:
+                self.engine.cluster.unregister_call(self.vapi_call_id)
         self.engine.metrics.call_ended(self.session_id)
         log.info("call.end", session=self.session_id, reason=reason,
                  duration_s=round((now_ms() - self.started) / 1000.0, 2), **self.stats.as_dict())

@@ -21,6 +21,7 @@ from engine.turns import TurnConfig
 if TYPE_CHECKING:
     from engine.backends.base import BackendFactory
     from engine.call import Call
+    from engine.cluster import ClusterLink
 
 log = get_logger("runtime")
 
@@ -47,6 +48,14 @@ class Engine:
         self.draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics.active_sessions = lambda: len(self.calls)
+        # with Redis, the link to the other workers: it routes VAPI messages to the call's worker
+        self.cluster: "ClusterLink | None" = None
+        if settings.redis_url:
+            from engine.cluster import ClusterCollector, ClusterLink
+
+            self.cluster = ClusterLink(settings.redis_url, sinks=self.vapi_calls,
+                                       health=self.health)
+            self.metrics.registry.register(ClusterCollector(self.cluster))
 
     def _make_backend(self) -> "BackendFactory":
         name = self.settings.resolved_backend
@@ -96,6 +105,8 @@ class Engine:
         if self.settings.resolved_backend == "local":
             await self._prepare_local_assistant()
         self._tasks.append(asyncio.create_task(self._watch_loop_lag(), name="loop-lag"))
+        if self.cluster is not None:  # returns at once; Redis may come later
+            await self.cluster.start()
         log.info("engine.start", backend=self.settings.resolved_backend)
 
     async def _prepare_local_assistant(self) -> None:
@@ -117,6 +128,8 @@ class Engine:
         for call in list(self.calls.values()):
             await call.close("engine-stopping")
         await self.pacer.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -53,7 +53,11 @@ async def errors_as_json(
 
 
 async def health(request: web.Request) -> web.Response:
-    return json_response(request.app[ENGINE_KEY].health())
+    engine = request.app[ENGINE_KEY]
+    body = engine.health()
+    if engine.cluster is not None:  # every worker sharing Redis, from a cache
+        body["cluster"] = engine.cluster.view()
+    return json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -32,13 +32,15 @@ Order of work for each delivery, so a forged or broken one costs little and chan
    - `end-of-call-report`: stored by call id (and under `call.metadata.engineSessionId`);
    - `transcript`, `speech-update`, `status-update`, `user-interrupted`, `conversation-update`,
      `hang`, `transfer-update`: forwarded to the live call registered for that VAPI call id in
-     `app[VAPI_CALLS_KEY]` (the VAPI backend fills it);
+     `app[VAPI_CALLS_KEY]` (the VAPI backend fills it), or, when workers share Redis and the
+     call is not here, to the worker holding it (engine/cluster.py);
    - anything else: 200 `{}` and a log line.
    Every type is counted in `app[WEBHOOK_STATS_KEY]` and on /metrics.
 
 A `transfer_call` tool result asks the live call for a transfer by sending its sink the engine's
 own message `{"type": "transfer-request", "destination": {"type": "number", "number": …},
-"toolCallId": …}`; with no live call on this engine, the tool call fails instead.
+"toolCallId": …}` (through the cluster link when another worker holds the call); with no live
+call to send it to, the tool call fails instead.
 """
 from __future__ import annotations
 
@@ -266,8 +268,11 @@ class VapiWebhooks:
         registry: ToolRegistry = REGISTRY,
         assistant: tuple[AssistantConfig, Responder] | None = None,
         clock: Any = time.time,
+        cluster: Any = None,
     ) -> None:
         self.settings = settings
+        #: the engine's `ClusterLink` when workers share Redis: calls held elsewhere are routed there
+        self.cluster = cluster
         self.store = store
         self.calls = calls
         self.registry = registry
@@ -365,7 +370,7 @@ class VapiWebhooks:
             await self._end_of_call(message)
             return {}
         if kind in FORWARDED:
-            self._forward(message)
+            await self._forward(message)
             return {}
         log.info("webhook.ignored", type=kind)
         return {}
@@ -385,7 +390,7 @@ class VapiWebhooks:
             jobs.append(self.registry.call(
                 name, fn.get("arguments"), self._context(message, call_id), call_id))
         outcomes = await asyncio.gather(*jobs)
-        results = [self._after(message, outcome).as_vapi() for outcome in outcomes]
+        results = [(await self._after(message, outcome)).as_vapi() for outcome in outcomes]
         return {"results": results}
 
     async def _function_call(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -394,25 +399,31 @@ class VapiWebhooks:
             return {"error": "functionCall.name missing"}
         outcome = await self.registry.call(
             fn["name"], fn.get("parameters"), self._context(message, None))
-        outcome = self._after(message, outcome)
+        outcome = await self._after(message, outcome)
         return {"error": outcome.error} if outcome.error is not None else {"result": outcome.result}
 
-    def _after(self, message: dict[str, Any], outcome: ToolOutcome) -> ToolOutcome:
+    async def _after(self, message: dict[str, Any], outcome: ToolOutcome) -> ToolOutcome:
         """Carries out what a tool asked of the live call (a transfer)."""
         if outcome.transfer_to is None or outcome.error is not None:
             return outcome
         call_id = _call_id(message)
         sink = self.calls.get(call_id) if call_id is not None else None
-        if sink is None:
-            log.warning("webhook.transfer_without_call", call_id=call_id)
-            return ToolOutcome(outcome.tool_call_id, outcome.name,
-                               error="this call cannot be transferred from here")
-        self._deliver(sink, {
+        request = {
             "type": "transfer-request",
             "destination": {"type": "number", "number": outcome.transfer_to},
             "toolCallId": outcome.tool_call_id,
             "call": message.get("call"),
-        })
+        }
+        if sink is None:
+            # the call may live on another worker sharing Redis
+            if call_id is not None and self.cluster is not None \
+                    and await self.cluster.route(call_id, request):
+                self.stats.forwarded += 1
+                return outcome
+            log.warning("webhook.transfer_without_call", call_id=call_id)
+            return ToolOutcome(outcome.tool_call_id, outcome.name,
+                               error="this call cannot be transferred from here")
+        self._deliver(sink, request)
         return outcome
 
     async def _end_of_call(self, message: dict[str, Any]) -> None:
@@ -429,10 +440,15 @@ class VapiWebhooks:
         log.info("webhook.end_of_call", call_id=call_id, session=session_id,
                  reason=message.get("endedReason"))
 
-    def _forward(self, message: dict[str, Any]) -> None:
+    async def _forward(self, message: dict[str, Any]) -> None:
         call_id = _call_id(message)
         sink = self.calls.get(call_id) if call_id is not None else None
         if sink is None:
+            # the call may live on another worker sharing Redis; Redis down counts as unrouted
+            if call_id is not None and self.cluster is not None \
+                    and await self.cluster.route(call_id, message):
+                self.stats.forwarded += 1
+                return
             self.stats.unrouted += 1
             return
         self._deliver(sink, message)
@@ -486,7 +502,8 @@ def setup_routes(app: web.Application) -> None:
     assistant = None
     if isinstance(getattr(engine, "responder", None), Responder):
         assistant = (engine.assistant, engine.responder)  # loaded once per process
-    webhooks = VapiWebhooks(settings, store, app[VAPI_CALLS_KEY], assistant=assistant)
+    webhooks = VapiWebhooks(settings, store, app[VAPI_CALLS_KEY], assistant=assistant,
+                            cluster=getattr(engine, "cluster", None))
     app[WEBHOOKS_KEY] = webhooks
     app[WEBHOOK_STATS_KEY] = webhooks.stats
     engine.metrics.registry.register(WebhookCollector(webhooks.stats))
