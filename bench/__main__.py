@@ -16,6 +16,9 @@ BENCHMARKS = {
         "bench.webrtc",
         "aiortc WebRTC callers: relay latency, stalls under loss, CPU/MB per call",
     ),
+    "soak": ("bench.soak", "echo calls held for minutes: RSS growth, latency per minute"),
+    "churn": ("bench.churn", "short calls connected and hung up many times: fds, threads, RSS"),
+    "faults": ("bench.faults", "faults injected beside good calls: what each cost them"),
 }
 
 

@@ -46,6 +46,10 @@ def now_ms() -> float:
     return time.monotonic() * 1000.0
 
 
+def _ignore(event: BackendEvent) -> None:
+    """Where a closed call's backend events go."""
+
+
 class Call:
     def __init__(self, engine: "Engine", info: CallInfo, transport: "CallTransport") -> None:
         self.engine = engine
@@ -108,6 +112,9 @@ class Call:
         self.engine.metrics.call_ended(self.session_id)
         log.info("call.end", session=self.session_id, reason=reason,
                  duration_s=round((now_ms() - self.started) / 1000.0, 2), **self.stats.as_dict())
+        # The backend's callback is the call itself: cut that loop so an ended call is freed by
+        # reference counting at once, not by a (rare, by design) full garbage collection.
+        self.backend.emit = _ignore
 
     # -- caller → engine -----------------------------------------------------------------------
 

@@ -35,6 +35,9 @@ class Socket:
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def get_extra_info(self, name: str) -> None:
+        return None
+
 
 class Request:
     def __init__(self) -> None:

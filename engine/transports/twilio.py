@@ -19,6 +19,7 @@ import binascii
 import hashlib
 import hmac
 import secrets
+import socket
 import time
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
@@ -46,6 +47,10 @@ PCM16_SILENCE = bytes(PCM16_FRAME)
 #: audio sent within this much of "played" is not yet taken as heard, over the learned playout lag:
 #: resuming a paused reply may repeat a few frames, but never skips any
 HEARD_MARGIN_MS = 60.0
+#: kernel send buffer per Media Streams socket (Linux doubles it): ~1.5 s of outbound media
+SEND_BUFFER = 16 * 1024
+#: bytes queued in the engine past which outbound frames are dropped and counted (~1 s of media)
+WRITE_LIMIT = 16 * 1024
 MAX_MESSAGE = 64 * 1024  # a media message is ~300 bytes; anything near this is not Twilio
 MAX_BAD_MESSAGES = 200  # a socket that sends nothing but garbage is closed after this many
 LOGGED_PER_KIND = 5  # bad-input log lines per kind per call before they are only counted
@@ -222,7 +227,16 @@ class TwilioMediaStream:
         self._sending_generation = -1
         self._paused = False
         self._registered = False
-        self.write_limit = 64 * 1024
+        # A caller that stops reading must cost little and hear nothing stale when it resumes:
+        # a small kernel send buffer (instead of autotuning up to megabytes) makes the socket
+        # push back within seconds, and past `write_limit` queued bytes frames are trimmed.
+        self.write_limit = WRITE_LIMIT
+        raw = request.transport.get_extra_info("socket") if request.transport else None
+        if raw is not None:
+            try:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            except OSError:
+                pass
 
     # -- inbound -------------------------------------------------------------------------------
 
@@ -446,7 +460,7 @@ class TwilioMediaStream:
             return False
         output = call.output
         if not self._paused:
-            socket = self._socket
+            sock = self._socket
             while self._buffer_end - now < self._lead_ms:
                 frame = self._next_frame(now)
                 if frame is None:
@@ -454,12 +468,12 @@ class TwilioMediaStream:
                 if self._buffer_end < now:
                     self._buffer_end = now
                 self._buffer_end += FRAME_MS
-                if socket is None or socket.is_closing():
+                if sock is None or sock.is_closing():
                     break
-                if socket.get_write_buffer_size() > self.write_limit:
+                if sock.get_write_buffer_size() > self.write_limit:
                     call.stats.frames_dropped_out += 1  # the caller's socket is not reading: trim
                 else:
-                    socket.write(
+                    sock.write(
                         ws_text_frame(
                             self._prefix
                             + binascii.b2a_base64(ulaw_encode(frame), newline=False)
@@ -518,9 +532,9 @@ class TwilioMediaStream:
         self._send_json({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
 
     def _send_json(self, message: dict[str, Any]) -> None:
-        socket = self._socket
-        if socket is not None and not socket.is_closing():
-            socket.write(ws_text_frame(orjson.dumps(message)))
+        sock = self._socket
+        if sock is not None and not sock.is_closing():
+            sock.write(ws_text_frame(orjson.dumps(message)))
 
     def _send_clear(self, now: float) -> None:
         self._send_json({"event": "clear", "streamSid": self.stream_sid})
@@ -592,6 +606,7 @@ class TwilioMediaStream:
         self.engine.pacer.unregister(self)
         if self.call is not None:
             await self.call.close("stream-ended")
+            self.call = None  # the call points back here: free both without waiting for the GC
         if self._bad:
             log.info("stream.bad_input_summary", session=self.session_id, counts=self._bad)
         log.info("stream.end", session=self.session_id, close_code=close_code)
