@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--backend", choices=["auto", "local", "vapi", "echo"])
+    serve.add_argument("--backend", choices=["auto", "local", "vapi", "echo", "canned"])
     serve.add_argument("--workers", type=int)
     serve.add_argument("--redis", dest="redis_url")
     serve.add_argument("--insecure-webhooks", action="store_true", default=None)

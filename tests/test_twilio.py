@@ -373,3 +373,18 @@ async def test_a_missing_chunk_becomes_one_concealment_frame() -> None:
         await until(lambda: call.stats.frames_in == 6, what="six frames, one of them concealed")
         assert call.stats.frames_concealed == 1 and call.stats.frames_late == 0
         await ws.close()
+
+
+async def test_canned_backend_answers_every_turn_with_its_reply() -> None:
+    async with phone_call(Settings(backend="canned")) as (served, caller):
+        for turn in (1, 2):
+            question = caller.speak(to_8k_mulaw(speech("what are your opening hours")))
+            await question.finished()
+            asked = question.last_loud_sent or time.monotonic()
+            await until(lambda: caller.first_audio_after(asked) is not None, timeout=10,
+                        what="the canned reply")
+            await until(lambda: caller.stats()["marks_echoed"] >= turn, timeout=15,  # noqa: B023
+                        what="the reply heard to its end")
+        call = next(iter(served.engine.calls.values()))
+        assert call.backend.generation == 2
+        assert caller.underruns == 0

@@ -1,4 +1,5 @@
-"""Assistants behind one small interface (`base.Backend`): vapi, local, echo."""
+"""Assistants behind one small interface (`base.Backend`): vapi, local, and for benchmarks echo
+and canned."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -8,11 +9,15 @@ if TYPE_CHECKING:
 
 
 def backend_factory(name: str, **options: Any) -> "BackendFactory":
-    """The factory for a backend by name ("echo", "local", "vapi")."""
+    """The factory for a backend by name ("vapi", "local", "echo", "canned")."""
     if name == "echo":
         from engine.backends.echo import EchoBackend
 
         return EchoBackend.factory(**options)
+    if name == "canned":
+        from engine.backends.canned import CannedBackend
+
+        return CannedBackend.factory(**options)
     if name == "local":
         from engine.backends.local import LocalBackend
 
