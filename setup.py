@@ -19,6 +19,7 @@ setup(
     ext_modules=cythonize(
         extensions,
         language_level=3,
+        include_path=[str(HERE / "native")],  # native/buffers.pxd
         compiler_directives={
             "boundscheck": False,
             "wraparound": False,

@@ -16,21 +16,12 @@ and big buffers are converted with the GIL released.
 """
 import sys
 
-from cpython.buffer cimport (
-    PyBUF_SIMPLE,
-    PyBUF_WRITABLE,
-    PyBuffer_Release,
-    PyObject_GetBuffer,
-)
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact, PyByteArray_GET_SIZE
-from cpython.bytes cimport (
-    PyBytes_AS_STRING,
-    PyBytes_CheckExact,
-    PyBytes_FromStringAndSize,
-    PyBytes_GET_SIZE,
-)
+from cpython.buffer cimport PyBuffer_Release
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+
+from buffers cimport DIRECT_MUTABLE, EXPORTED, open_buffer, pcm_samples
 
 # Input below this many bytes is converted with the GIL held: releasing and re-taking it costs
 # more than a frame's worth of lookups.
@@ -176,35 +167,6 @@ cdef inline void _decode(const uint16_t* table, const uint8_t* src, uint8_t* dst
 
 # --- buffer plumbing ----------------------------------------------------------------------------
 
-# How _open reached an object's memory. A per-frame call spends more time acquiring buffers than
-# converting, so bytes and small bytearrays are read directly; everything else goes through the
-# buffer protocol, whose export also pins the memory while the GIL is released.
-cdef enum:
-    DIRECT_IMMUTABLE  # bytes: safe without the GIL
-    DIRECT_MUTABLE    # bytearray read in place: only while the GIL is held (no export pins it)
-    EXPORTED          # Py_buffer acquired: release it when done
-
-
-cdef inline int _open(object obj, Py_buffer* view, uint8_t** data, Py_ssize_t* size,
-                      bint writable) except -1:
-    if not writable and PyBytes_CheckExact(obj):
-        data[0] = <uint8_t*>PyBytes_AS_STRING(obj)
-        size[0] = PyBytes_GET_SIZE(obj)
-        return DIRECT_IMMUTABLE
-    if PyByteArray_CheckExact(obj) and PyByteArray_GET_SIZE(obj) < NOGIL_BYTES:
-        data[0] = <uint8_t*>PyByteArray_AS_STRING(obj)
-        size[0] = PyByteArray_GET_SIZE(obj)
-        return DIRECT_MUTABLE
-    PyObject_GetBuffer(obj, view, PyBUF_WRITABLE if writable else PyBUF_SIMPLE)
-    data[0] = <uint8_t*>view.buf
-    size[0] = view.len
-    return EXPORTED
-
-
-cdef inline Py_ssize_t _pcm_samples(Py_ssize_t size) except -1:
-    if size & 1:
-        raise ValueError(f"PCM length must be even (int16 samples), got {size} bytes")
-    return size >> 1
 
 
 cdef object _encode_new(const uint8_t* table, object pcm):
@@ -212,9 +174,9 @@ cdef object _encode_new(const uint8_t* table, object pcm):
     cdef uint8_t* src
     cdef uint8_t* dst
     cdef Py_ssize_t size, n
-    cdef int access = _open(pcm, &view, &src, &size, False)
+    cdef int access = open_buffer(pcm, &view, &src, &size, False, NOGIL_BYTES)
     try:
-        n = _pcm_samples(size)
+        n = pcm_samples(size)
         result = PyBytes_FromStringAndSize(NULL, n)
         dst = <uint8_t*>PyBytes_AS_STRING(result)
         if size < NOGIL_BYTES or access == DIRECT_MUTABLE:
@@ -233,7 +195,7 @@ cdef object _decode_new(const uint16_t* table, object codes):
     cdef uint8_t* src
     cdef uint8_t* dst
     cdef Py_ssize_t n
-    cdef int access = _open(codes, &view, &src, &n, False)
+    cdef int access = open_buffer(codes, &view, &src, &n, False, NOGIL_BYTES)
     try:
         result = PyBytes_FromStringAndSize(NULL, 2 * n)
         dst = <uint8_t*>PyBytes_AS_STRING(result)
@@ -253,11 +215,11 @@ cdef Py_ssize_t _encode_into(const uint8_t* table, object pcm, object out) excep
     cdef uint8_t* src
     cdef uint8_t* dst
     cdef Py_ssize_t size, n, room
-    cdef int access = _open(pcm, &view, &src, &size, False)
+    cdef int access = open_buffer(pcm, &view, &src, &size, False, NOGIL_BYTES)
     cdef int oaccess
     try:
-        n = _pcm_samples(size)
-        oaccess = _open(out, &oview, &dst, &room, True)
+        n = pcm_samples(size)
+        oaccess = open_buffer(out, &oview, &dst, &room, True, NOGIL_BYTES)
         try:
             if room < n:
                 raise ValueError(f"output buffer holds {room} bytes, {n} needed")
@@ -280,10 +242,10 @@ cdef Py_ssize_t _decode_into(const uint16_t* table, object codes, object out) ex
     cdef uint8_t* src
     cdef uint8_t* dst
     cdef Py_ssize_t n, room
-    cdef int access = _open(codes, &view, &src, &n, False)
+    cdef int access = open_buffer(codes, &view, &src, &n, False, NOGIL_BYTES)
     cdef int oaccess
     try:
-        oaccess = _open(out, &oview, &dst, &room, True)
+        oaccess = open_buffer(out, &oview, &dst, &room, True, NOGIL_BYTES)
         try:
             if room < 2 * n:
                 raise ValueError(f"output buffer holds {room} bytes, {2 * n} needed")

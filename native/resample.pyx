@@ -28,23 +28,14 @@ only; a resampler used from two threads at once raises RuntimeError rather than 
 """
 import sys
 
-from cpython.buffer cimport (
-    PyBUF_SIMPLE,
-    PyBUF_WRITABLE,
-    PyBuffer_Release,
-    PyObject_GetBuffer,
-)
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact, PyByteArray_GET_SIZE
-from cpython.bytes cimport (
-    PyBytes_AS_STRING,
-    PyBytes_CheckExact,
-    PyBytes_FromStringAndSize,
-    PyBytes_GET_SIZE,
-)
+from cpython.buffer cimport PyBuffer_Release
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int16_t, int32_t, uint8_t, uint16_t, uint32_t
 from libc.math cimport fabs
 from libc.string cimport memcpy, memmove, memset
+
+from buffers cimport DIRECT_MUTABLE, EXPORTED, open_buffer, pcm_samples
 
 cdef extern from *:
     """
@@ -273,34 +264,6 @@ cdef inline void _interleave(const int16_t* phases, uint8_t* dst, Py_ssize_t n,
                 dst[2 * (i * factor + p) + 1] = (w >> 8) & 0xFF
 
 
-# --- buffer plumbing (as in g711.pyx) -------------------------------------------------------------
-
-cdef enum:
-    DIRECT_IMMUTABLE  # bytes: safe without the GIL
-    DIRECT_MUTABLE    # bytearray read in place: only while the GIL is held (no export pins it)
-    EXPORTED          # Py_buffer acquired: release it when done
-
-
-cdef inline int _open(object obj, Py_buffer* view, uint8_t** data, Py_ssize_t* size,
-                      bint writable) except -1:
-    if not writable and PyBytes_CheckExact(obj):
-        data[0] = <uint8_t*>PyBytes_AS_STRING(obj)
-        size[0] = PyBytes_GET_SIZE(obj)
-        return DIRECT_IMMUTABLE
-    if PyByteArray_CheckExact(obj) and PyByteArray_GET_SIZE(obj) < 2 * NOGIL_SAMPLES:
-        data[0] = <uint8_t*>PyByteArray_AS_STRING(obj)
-        size[0] = PyByteArray_GET_SIZE(obj)
-        return DIRECT_MUTABLE
-    PyObject_GetBuffer(obj, view, PyBUF_WRITABLE if writable else PyBUF_SIMPLE)
-    data[0] = <uint8_t*>view.buf
-    size[0] = view.len
-    return EXPORTED
-
-
-cdef inline Py_ssize_t _pcm_samples(Py_ssize_t size) except -1:
-    if size & 1:
-        raise ValueError(f"PCM length must be even (int16 samples), got {size} bytes")
-    return size >> 1
 
 
 # --- the resampler ------------------------------------------------------------------------------
@@ -508,9 +471,9 @@ cdef class PolyphaseFir:
         cdef Py_buffer view
         cdef uint8_t* src
         cdef Py_ssize_t size, n, nout
-        cdef int access = _open(pcm, &view, &src, &size, False)
+        cdef int access = open_buffer(pcm, &view, &src, &size, False, 2 * NOGIL_SAMPLES)
         try:
-            n = _pcm_samples(size)
+            n = pcm_samples(size)
             nout = self._out_samples(n)
             result = PyBytes_FromStringAndSize(NULL, 2 * nout)
             if n:
@@ -527,12 +490,12 @@ cdef class PolyphaseFir:
         cdef uint8_t* src
         cdef uint8_t* dst
         cdef Py_ssize_t size, n, nout, room
-        cdef int access = _open(pcm, &view, &src, &size, False)
+        cdef int access = open_buffer(pcm, &view, &src, &size, False, 2 * NOGIL_SAMPLES)
         cdef int oaccess
         try:
-            n = _pcm_samples(size)
+            n = pcm_samples(size)
             nout = self._out_samples(n)
-            oaccess = _open(out, &oview, &dst, &room, True)
+            oaccess = open_buffer(out, &oview, &dst, &room, True, 2 * NOGIL_SAMPLES)
             try:
                 if room < 2 * nout:
                     raise ValueError(f"output buffer holds {room} bytes, {2 * nout} needed")
@@ -551,7 +514,7 @@ cdef class PolyphaseFir:
 
     def output_size(self, Py_ssize_t nbytes):
         """output_size(nbytes) -> int: bytes the next process() of nbytes of input returns."""
-        return 2 * self._out_samples(_pcm_samples(nbytes))
+        return 2 * self._out_samples(pcm_samples(nbytes))
 
     def flush(self):
         """flush() -> bytes: feed flush_samples of silence, return their output, then reset."""
