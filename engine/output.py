@@ -57,7 +57,10 @@ class OutputStream:
         queued = self.ring.queued
         if queued >= FRAME_SAMPLES:
             return True
-        return queued > 0 and self._next_end() is not None and self._next_end_pos() <= self.ring.write_pos
+        if queued == 0:
+            return False
+        end = self._next_end_pos()
+        return end is not None and end <= self.ring.write_pos
 
     def read_frame(self, out: bytearray) -> int:
         """Fills `out` (640 bytes) with the next frame, silence-padded at an utterance's end.
