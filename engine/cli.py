@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from engine.config import Settings
 from engine.log import setup_logging
@@ -40,10 +41,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(settings)
     if args.command == "bench":
+        # The harness lives beside the package in a checkout, not in the installed package.
+        checkout = Path(__file__).resolve().parent.parent
+        if (checkout / "bench" / "__main__.py").is_file() and str(checkout) not in sys.path:
+            sys.path.insert(0, str(checkout))
         try:
             from bench.__main__ import main as bench_main
         except ImportError:
-            print("voice-engine bench runs from a checkout (the bench/ folder beside engine/)", file=sys.stderr)
+            print(
+                "voice-engine bench runs from a checkout (the bench/ folder beside engine/)",
+                file=sys.stderr,
+            )
             return 2
         return bench_main(args.args)
     return 2
