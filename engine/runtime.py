@@ -105,6 +105,8 @@ class Engine:
         if self.settings.resolved_backend == "local":
             await self._prepare_local_assistant()
         self._tasks.append(asyncio.create_task(self._watch_loop_lag(), name="loop-lag"))
+        if self.metrics.shared is not None:  # one worker of several: feed the cluster view
+            self._tasks.append(asyncio.create_task(self._publish_metrics(), name="metrics"))
         if self.cluster is not None:  # returns at once; Redis may come later
             await self.cluster.start()
         log.info("engine.start", backend=self.settings.resolved_backend)
@@ -138,6 +140,8 @@ class Engine:
             except asyncio.CancelledError:
                 pass
         self._tasks.clear()
+        if self.metrics.shared is not None:  # the last counts before this worker exits
+            self.metrics.shared.publish()
         log.info("engine.stop")
 
     async def _watch_loop_lag(self, period: float = 0.1) -> None:
@@ -150,3 +154,15 @@ class Engine:
             # A smoothed value so one slow tick does not shed calls.
             self.loop_lag_ms = 0.8 * self.loop_lag_ms + 0.2 * lag * 1000.0
             self.metrics.loop_lag.observe(lag)
+
+    async def _publish_metrics(self, period: float = 1.0) -> None:
+        """Copies this worker's totals into the cluster view of /metrics, which therefore lags
+        by at most `period`; the hot path keeps its plain counters."""
+        shared = self.metrics.shared
+        assert shared is not None
+        while True:
+            await asyncio.sleep(period)
+            try:
+                shared.publish()
+            except Exception:  # a full disk, say: the worker's own view still works
+                log.exception("metrics.publish_failed")

@@ -1,7 +1,6 @@
 """HTTP and WebSocket routes on one port (CONTRACT.md); start-up on uvloop."""
 from __future__ import annotations
 
-import asyncio
 from typing import Awaitable, Callable
 
 import orjson
@@ -61,8 +60,17 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[ENGINE_KEY].metrics.render()
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    """Every worker's metrics combined (any worker answers a scrape of the shared port), or
+    with `?scope=worker` only the answering worker's."""
+    from engine.metrics import SCOPES
+
+    scope = request.query.get("scope", "cluster")
+    if scope not in SCOPES:
+        return json_error(400, f"scope must be one of {', '.join(SCOPES)}")
+    body = request.app[ENGINE_KEY].metrics.render(scope)
+    return web.Response(
+        body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> web.Application:

@@ -5,16 +5,25 @@ kernel spreads new connections across them; they share nothing but Redis (when c
 parent only supervises: it forwards SIGTERM/SIGINT (each worker then drains its calls), restarts
 a worker that dies, and gives up if workers keep dying at start (a port taken by another program,
 say).
+
+/metrics answers for all workers: the parent makes a private directory for prometheus-client's
+multi-process files (removed when it exits), each worker writes its metrics there (see
+engine/metrics.py), and the parent retires a dead worker's live gauges.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
 from typing import Callable
 
+from prometheus_client.multiprocess import mark_process_dead
+
 from engine.config import Settings
 from engine.log import get_logger
+from engine.metrics import enable_multiprocess
 
 log = get_logger("workers")
 
@@ -23,6 +32,15 @@ MAX_QUICK_FAILURES = 3
 
 
 def run_workers(settings: Settings, serve_one: Callable[[Settings, int], None]) -> int:
+    metrics_dir = tempfile.mkdtemp(prefix="voice-engine-metrics-")  # mode 0700
+    try:
+        return _supervise(settings, serve_one, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(settings: Settings, serve_one: Callable[[Settings, int], None],
+               metrics_dir: str) -> int:
     children: dict[int, tuple[int, float]] = {}  # pid → (worker index, started)
     stopping = False
     quick_failures = 0
@@ -34,6 +52,7 @@ def run_workers(settings: Settings, serve_one: Callable[[Settings, int], None]) 
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 0
             try:
+                enable_multiprocess(metrics_dir)
                 serve_one(settings, index)
             except BaseException:  # noqa: BLE001 - the parent logs and restarts
                 log.exception("worker.crashed", worker=index)
@@ -64,6 +83,7 @@ def run_workers(settings: Settings, serve_one: Callable[[Settings, int], None]) 
             continue
         index, started = children.pop(pid, (-1, 0.0))
         code = os.waitstatus_to_exitcode(status)
+        mark_process_dead(pid, metrics_dir)  # its counters stay in the sums, its gauges go
         log.info("worker.exited", worker=index, pid=pid, code=code)
         if stopping or index < 0:
             continue
