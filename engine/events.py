@@ -30,7 +30,7 @@ class AssistantText:
     generation: int  #: the utterance it belongs to
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per 20 ms of speech, and a frozen __init__ costs 3x
 class AudioChunk:
     """Assistant speech: 16 kHz mono int16 PCM, any length, as fast as the backend makes it."""
 

@@ -25,12 +25,22 @@ class Socket:
 
     def __init__(self) -> None:
         self.written = 0
+        self.closed = False
 
     def write(self, data: bytes) -> None:
         self.written += len(data)
 
     def is_closing(self) -> bool:
-        return False
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
 
     def get_write_buffer_size(self) -> int:
         return 0
@@ -44,11 +54,25 @@ class Request:
         self.transport = Socket()
 
 
-class WebSocket:
-    closed = False
+def client_frame(text: str, opcode: int = 1) -> bytes:
+    """A masked client-to-server WebSocket frame (RFC 6455 §5.2), as a Media Streams client
+    sends it."""
+    payload = text.encode("utf-8", "surrogatepass")
+    key = random.randbytes(4)
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, 0x80 | n))
+    else:
+        header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    masked = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+    return header + key + masked
 
-    async def close(self, code: int = 1000, message: bytes = b"") -> None:
-        self.closed = True
+
+async def feed(stream: twilio.TwilioMediaStream, text: str) -> None:
+    """One message through the real frame parser, then let a `start` finish starting."""
+    stream.ws.feed_data(client_frame(text))
+    while stream._starting is not None:
+        await asyncio.sleep(0)
 
 
 def media(chunk: int, payload: bytes = b"\xff" * 160) -> str:
@@ -125,23 +149,22 @@ messages = st.one_of(
 def test_twilio_messages_never_break_a_call(garbage: list[str]) -> None:
     async def run() -> None:
         engine = Engine(Settings(backend="echo"))
-        stream = twilio.TwilioMediaStream(engine, WebSocket(), Request())  # type: ignore[arg-type]
-        await stream._on_message_async(START)
+        request = Request()
+        stream = twilio.TwilioMediaStream(engine, request)  # type: ignore[arg-type]
+        stream.ws.transport = request.transport  # type: ignore[assignment]  # as accept() does
+        await feed(stream, START)
         assert stream.call is not None
         for text in garbage:
-            if text.startswith('{"event":"media"'):
-                stream._on_message(text)
-            else:
-                await stream._on_message_async(text)
+            await feed(stream, text)
         # memory stays bounded whatever came in
         assert stream._jitter.depth <= stream._jitter.capacity
         assert len(stream._marks_pending) <= 1 and stream._out_frames.pending() < 4096
-        if not stream._closing:
+        if not stream._closing and not stream.ws.closing:
             # good frames after the garbage still reach the call
             before = stream.call.stats.frames_in
             last = stream._jitter.last_seq if stream._jitter.received else 0
             for k in range(1, 4):
-                stream._on_message(media((last + k) % 2**16))
+                await feed(stream, media((last + k) % 2**16))
             assert stream.call.stats.frames_in > before or stream._jitter.resets > 0
         await stream.call.close("fuzz")
 

@@ -54,7 +54,7 @@ and its output does not depend on how the input is cut into chunks.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import soxr
@@ -96,7 +96,11 @@ class Resampler:
     filter and readies the object for a fresh stream.
     """
 
-    __slots__ = ("_delay_ms", "_engine", "in_rate", "out_rate", "quality")
+    __slots__ = ("_delay_ms", "_engine", "in_rate", "out_rate", "process", "quality")
+
+    #: Resample one chunk of int16 little-endian samples (same-rate bytes come back as is). The
+    #: kernel's own method, bound per object: this runs for every frame of every call.
+    process: Callable[[BytesLike], bytes]
 
     def __init__(self, in_rate: int, out_rate: int, quality: str = "auto") -> None:
         if in_rate <= 0 or out_rate <= 0:
@@ -123,15 +127,12 @@ class Resampler:
         else:
             self._engine = _Soxr(in_rate, out_rate, quality)
             self._delay_ms = _soxr_worst_delay_ms(in_rate, out_rate, quality)
+        self.process = self._engine.process
 
     @property
     def delay_ms(self) -> float:
         """Latency this resampler adds: FIR group delay, or soxr's worst hold-back."""
         return self._delay_ms
-
-    def process(self, pcm: BytesLike) -> bytes:
-        """Resample one chunk of int16 little-endian samples (same-rate bytes come back as is)."""
-        return self._engine.process(pcm)
 
     def flush(self) -> bytes:
         """End the stream: return the audio still held inside the filter, then start afresh."""

@@ -26,8 +26,9 @@ from urllib.parse import urlsplit, urlunsplit
 from xml.sax.saxutils import quoteattr
 
 import orjson
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, web
 
+from engine._native.wsframe import text_frame_b64
 from engine.audio.g711 import ulaw_decode, ulaw_encode
 from engine.audio.jitter import JitterBuffer
 from engine.audio.resample import Resampler
@@ -35,6 +36,7 @@ from engine.backends.base import CallInfo
 from engine.call import Call
 from engine.log import get_logger
 from engine.transports.base import Reframer, ws_text_frame
+from engine.transports.wsserver import ServerWebSocket
 
 log = get_logger("twilio")
 
@@ -184,13 +186,14 @@ async def voice_webhook(request: web.Request) -> web.Response:
 
 
 class TwilioMediaStream:
-    """One Media Streams WebSocket: one call."""
+    """One Media Streams WebSocket: one call. Messages arrive one synchronous call each
+    (`on_text`), straight from the socket (see wsserver.py)."""
 
     kind = "twilio"
 
-    def __init__(self, engine: Any, ws: web.WebSocketResponse, request: web.Request) -> None:
+    def __init__(self, engine: Any, request: web.Request) -> None:
         self.engine = engine
-        self.ws = ws
+        self.ws = ServerWebSocket(request, self, MAX_MESSAGE)
         self.session_id = "-"
         self.stream_sid: str | None = None
         self.account_sid: str | None = None
@@ -227,6 +230,7 @@ class TwilioMediaStream:
         self._sending_generation = -1
         self._paused = False
         self._registered = False
+        self._starting: asyncio.Task[None] | None = None
         # A caller that stops reading must cost little and hear nothing stale when it resumes:
         # a small kernel send buffer (instead of autotuning up to megabytes) makes the socket
         # push back within seconds, and past `write_limit` queued bytes frames are trimmed.
@@ -240,40 +244,31 @@ class TwilioMediaStream:
 
     # -- inbound -------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        ws = self.ws
-        try:
-            async for msg in ws:
-                if msg.type is WSMsgType.TEXT:
-                    data = msg.data
-                    if data.startswith('{"event":"media"'):
-                        self._on_message(data)
-                    else:
-                        await self._on_message_async(data)
-                elif msg.type is WSMsgType.BINARY:
-                    self._reject("binary-frame", len(msg.data))
-                    await self._close(
-                        WSCloseCode.UNSUPPORTED_DATA, "binary frames are not Media Streams"
-                    )
-                    break
-                elif msg.type is WSMsgType.ERROR:
-                    log.warning(
-                        "stream.socket_error", session=self.session_id, error=str(ws.exception())
-                    )
-                    break
-                if self._closing:
-                    break
-        finally:
-            await self._finish(ws.close_code)
+    def on_text(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if data.startswith(b'{"event":"media"'):
+            message = self._parse(data)
+            if message is not None:
+                self._on_media(message)
+        else:
+            self._on_other(data)
 
-    async def _on_message_async(self, data: str) -> None:
-        """Messages other than media: rare, and `start` needs to await the backend."""
+    def on_binary(self, data: bytes) -> None:
+        self._reject("binary-frame", len(data))
+        self._close(WSCloseCode.UNSUPPORTED_DATA, "binary frames are not Media Streams")
+
+    def _on_other(self, data: bytes) -> None:
+        """Messages other than media: rare. `start` awaits the backend, and messages behind it
+        wait (in order) until the call is ready."""
         message = self._parse(data)
         if message is None:
             return
         event = message.get("event")
         if event == "start":
-            await self._on_start(message)
+            self.ws.hold()
+            task = asyncio.get_running_loop().create_task(self._start_then_release(message))
+            self._starting = task  # keeps the task alive until it is done
         elif event == "media":
             self._on_media(message)
         elif event == "mark":
@@ -282,7 +277,7 @@ class TwilioMediaStream:
             self._on_dtmf(message)
         elif event == "stop":
             log.info("stream.stop", session=self.session_id)
-            await self._close(WSCloseCode.OK, "stream stopped")
+            self._close(WSCloseCode.OK, "stream stopped")
         elif event == "connected":
             log.debug(
                 "stream.connected", protocol=message.get("protocol"), version=message.get("version")
@@ -290,19 +285,24 @@ class TwilioMediaStream:
         else:
             self._reject("unknown-event", event)
 
-    def _on_message(self, data: str) -> None:
-        message = self._parse(data)
-        if message is not None:
-            self._on_media(message)
+    async def _start_then_release(self, message: dict[str, Any]) -> None:
+        try:
+            await self._on_start(message)
+        except Exception:
+            log.exception("stream.start_failed", session=self.session_id)
+            self._close(WSCloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self._starting = None
+            self.ws.release()
 
-    def _parse(self, data: str) -> dict[str, Any] | None:
+    def _parse(self, data: bytes) -> dict[str, Any] | None:
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError:
-            self._reject("invalid-json", data[:80])
+            self._reject("invalid-json", data[:80].decode(errors="replace"))
             return None
         if type(message) is not dict:
-            self._reject("not-an-object", data[:80])
+            self._reject("not-an-object", data[:80].decode(errors="replace"))
             return None
         return message
 
@@ -364,7 +364,7 @@ class TwilioMediaStream:
             or "\\" in sid
         ):
             self._reject("bad-start")
-            await self._close(WSCloseCode.POLICY_VIOLATION, "malformed start message")
+            self._close(WSCloseCode.POLICY_VIOLATION, "malformed start message")
             return
         params = start.get("customParameters") or {}
         if not isinstance(params, dict):
@@ -376,13 +376,13 @@ class TwilioMediaStream:
             and (fmt.get("encoding") != "audio/x-mulaw" or int(fmt.get("sampleRate", 8000)) != 8000)
         ):
             self._reject("unsupported-media-format", fmt)
-            await self._close(WSCloseCode.UNSUPPORTED_DATA, "only audio/x-mulaw at 8000 Hz")
+            self._close(WSCloseCode.UNSUPPORTED_DATA, "only audio/x-mulaw at 8000 Hz")
             return
         token = params.get("token")
         if token is not None or self.engine.settings.twilio_auth_token:
             if not isinstance(token, str) or not self.engine.stream_tokens.redeem(token):
                 self._reject("bad-token")
-                await self._close(WSCloseCode.POLICY_VIOLATION, "invalid stream token")
+                self._close(WSCloseCode.POLICY_VIOLATION, "invalid stream token")
                 return
         self.stream_sid = sid
         self.session_id = sid
@@ -440,10 +440,7 @@ class TwilioMediaStream:
                 detail=None if detail is None else str(detail)[:120],
             )
         if self._bad_total == MAX_BAD_MESSAGES and not self._closing:
-            self._closing = True
-            asyncio.get_running_loop().create_task(
-                self._close(WSCloseCode.INVALID_TEXT, "too many malformed messages")
-            )
+            self._close(WSCloseCode.INVALID_TEXT, "too many malformed messages")
 
     # -- outbound ------------------------------------------------------------------------------
 
@@ -473,13 +470,7 @@ class TwilioMediaStream:
                 if sock.get_write_buffer_size() > self.write_limit:
                     call.stats.frames_dropped_out += 1  # the caller's socket is not reading: trim
                 else:
-                    sock.write(
-                        ws_text_frame(
-                            self._prefix
-                            + binascii.b2a_base64(ulaw_encode(frame), newline=False)
-                            + b'"}}'
-                        )
-                    )
+                    sock.write(text_frame_b64(self._prefix, ulaw_encode(frame), b'"}}'))
                     call.stats.frames_out += 1
                 self._frames_sent += 1
                 while self._marks_due and self._marks_due[0][0] <= self._frames_sent:
@@ -509,6 +500,19 @@ class TwilioMediaStream:
         """The next 20 ms of 8 kHz PCM to send, or None."""
         frames = self._out_frames
         output = self.call.output  # type: ignore[union-attr]
+        if not frames.pending():
+            # The common case: one 20 ms frame in, one out, inside an utterance.
+            generation = output.read_frame(self._pcm16)
+            if generation < 0:
+                return None
+            if generation != self._sending_generation:
+                self._sending_generation = generation
+                self.call.on_output_started(generation, now)  # type: ignore[union-attr]
+            pcm8 = self._down.process(self._pcm16)
+            if output.finished_at_read() is None:
+                return pcm8
+            frames.push(pcm8)
+            self._utterance_ends(output)
         while frames.pending() < PCM8_FRAME:
             generation = output.read_frame(self._pcm16)
             if generation < 0:
@@ -516,15 +520,20 @@ class TwilioMediaStream:
             if generation != self._sending_generation:
                 self._sending_generation = generation
                 self.call.on_output_started(generation, now)  # type: ignore[union-attr]
-            frames.push(self._down.process(bytes(self._pcm16)))
-            finished = output.finished_at_read()
-            if finished is not None:
-                # Flush the resampler's delay line, pad to a whole frame, and mark the end there.
-                frames.push(self._down.process(PCM16_SILENCE))
-                frames.push(bytes((-frames.pending()) % PCM8_FRAME))
-                after = self._frames_sent + frames.pending() // PCM8_FRAME
-                self._marks_due.append((after, finished, output.ring.read_pos))
+            frames.push(self._down.process(self._pcm16))
+            self._utterance_ends(output)
         return frames.pop()
+
+    def _utterance_ends(self, output: Any) -> None:
+        """After a read: if an utterance has just been read to its end, flush the resampler's
+        delay line, pad to a whole frame, and have a mark sent after that frame."""
+        finished = output.finished_at_read()
+        if finished is not None:
+            frames = self._out_frames
+            frames.push(self._down.process(PCM16_SILENCE))
+            frames.push(bytes((-frames.pending()) % PCM8_FRAME))
+            after = self._frames_sent + frames.pending() // PCM8_FRAME
+            self._marks_due.append((after, finished, output.ring.read_pos))
 
     def _send_mark(self, generation: int, end_pos: int) -> None:
         name = f"u{generation}"
@@ -582,7 +591,7 @@ class TwilioMediaStream:
     def hangup(self, reason: str) -> None:
         if not self._closing:
             log.info("stream.hangup", session=self.session_id, reason=reason)
-            asyncio.get_running_loop().create_task(self._close(WSCloseCode.OK, reason))
+            self._close(WSCloseCode.OK, reason)
 
     async def transfer(self, destination: str) -> bool:
         from engine.transports.twilio_rest import redirect_call
@@ -596,14 +605,19 @@ class TwilioMediaStream:
 
     # -- teardown ------------------------------------------------------------------------------
 
-    async def _close(self, code: int, reason: str) -> None:
+    def _close(self, code: int, reason: str) -> None:
         self._closing = True
-        if not self.ws.closed:
-            await self.ws.close(code=code, message=reason.encode()[:120])
+        self.ws.close(code, reason)
 
     async def _finish(self, close_code: int | None) -> None:
         self._closing = True
         self.engine.pacer.unregister(self)
+        if self._starting is not None:  # the caller left while the call was starting
+            self._starting.cancel()
+            try:
+                await self._starting
+            except asyncio.CancelledError:
+                pass
         if self.call is not None:
             await self.call.close("stream-ended")
             self.call = None  # the call points back here: free both without waiting for the GC
@@ -612,18 +626,16 @@ class TwilioMediaStream:
         log.info("stream.end", session=self.session_id, close_code=close_code)
 
 
-async def media_stream(request: web.Request) -> web.WebSocketResponse:
+async def media_stream(request: web.Request) -> web.StreamResponse:
     from engine.server import ENGINE_KEY
 
-    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE, autoping=True)
-    await ws.prepare(request)
-    stream = TwilioMediaStream(request.app[ENGINE_KEY], ws, request)
+    stream = TwilioMediaStream(request.app[ENGINE_KEY], request)
+    response = await stream.ws.accept()
     try:
-        await stream.run()
-    except Exception:
-        log.exception("stream.failed", session=stream.session_id)
-        await stream._close(WSCloseCode.INTERNAL_ERROR, "internal error")
-    return ws
+        await stream.ws.wait_closed()
+    finally:
+        await stream._finish(stream.ws.close_code)
+    return response
 
 
 def setup_routes(app: web.Application) -> None:
