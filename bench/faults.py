@@ -60,7 +60,7 @@ from bench.soak import (
     write_report,
 )
 from bench.sysstats import ProcessSampler
-from bench.twilio import Run, free_port, make_click, one_call, percentiles
+from bench.twilio import free_port, make_click, one_call, percentiles
 from bench.twilio_caller import SILENCE_B64_STR, Ticker, TwilioCaller, new_sid
 
 COUNTERS = (

@@ -38,7 +38,6 @@ from bench.twilio import (
     SpawnedServer,
     one_call,
     percentiles,
-    voice_url_for,
 )
 from bench.twilio_caller import Ticker
 
@@ -403,7 +402,7 @@ def render_markdown(r: dict[str, Any], png: str) -> str:
         f"RSS peak {r['server']['rss_peak_mb']:.1f} MiB",
         f"- **RSS growth first→last window: {r['rss_growth_pct']} %** "
         f"({'flat' if r['rss_flat'] else 'NOT flat'} by the 5 % target)",
-        f"- engine counters over the run: "
+        "- engine counters over the run: "
         + ", ".join(f"{k} {v}" for k, v in r["engine_counters"].items()),
         f"- after the run: /health {r['health_after']}, process {r['process_after']}",
         "",
