@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 log = get_logger("call")
 
 HANGUP_GRACE_S = 15.0  # longest wait for a goodbye to be heard before the line is closed
+#: on a relaying backend (echo), one chunk in this many is timed through the output stream
+RELAY_PROBE_EVERY = 50
 
 
 def now_ms() -> float:
@@ -59,6 +61,11 @@ class Call:
         self.stats = engine.metrics.call_started(info.session_id)
         self.backend: Backend = engine.backend_factory(info, self.on_backend_event)
         self.output = OutputStream(self.backend.output_capacity_s)
+        # A backend that relays caller audio as it comes (echo) feeds the relay-latency
+        # histogram: written by the backend -> read by the transport to send, sampled.
+        self._probe_countdown = RELAY_PROBE_EVERY if self.backend.relays_audio else 0
+        if self._probe_countdown:
+            self.output.on_probe = self._observe_relay
         self.turn_taking = self.backend.turn_taking
         self.turns = TurnMachine(engine.turn_config)
         self.vad = engine.new_vad() if self.turn_taking else None
@@ -149,6 +156,9 @@ class Call:
             self.turns.on_reply_started(generation, now)
         self.transport.notify({"type": "turn", "state": self.turns.state.value})
 
+    def _observe_relay(self, waited_ms: float) -> None:
+        self.engine.metrics.relay_latency.observe(waited_ms / 1000.0)
+
     def on_heard(self, generation: int, now: float) -> None:
         """The caller has heard utterance `generation` to its end."""
         heard = self._heard.pop(generation, None)
@@ -168,6 +178,11 @@ class Call:
         kind = type(event)
         if kind is AudioChunk:
             if self.output.write(event.pcm, event.generation):  # type: ignore[union-attr]
+                if self._probe_countdown:
+                    self._probe_countdown -= 1
+                    if not self._probe_countdown:
+                        self._probe_countdown = RELAY_PROBE_EVERY
+                        self.output.probe(now_ms())
                 self.transport.kick()
             elif event.generation <= self.output.ring.cancelled_generation:  # type: ignore[union-attr]
                 self.stats.frames_stale += 1

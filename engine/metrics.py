@@ -128,7 +128,7 @@ class Metrics(Collector):
         buckets_ms = (5, 10, 20, 40, 60, 80, 100, 150, 200, 300, 500, 800, 1200, 2000, 5000)
         self.relay_latency = Histogram(
             "engine_relay_latency_seconds",
-            "Inbound frame to outbound frame on the echo path",
+            "Echo backend: caller audio written to the output stream until read to be sent",
             buckets=[b / 1000 for b in buckets_ms],
             registry=self.registry,
         )

@@ -11,7 +11,9 @@ mark the end of each utterance and learn when the caller has heard it.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
+from typing import Callable
 
 from engine.audio.ring import OutputRing
 
@@ -28,6 +30,10 @@ class OutputStream:
         #: generation of the newest audio written (-1 before any)
         self.generation = -1
         self._open = False  # the newest generation is still being written
+        #: (write position, monotonic ms) of audio being timed through the stream; see `probe`
+        self._probe: tuple[int, float] | None = None
+        #: called with the milliseconds a probed sample waited between written and read
+        self.on_probe: Callable[[float], None] | None = None
 
     # -- the backend's side --------------------------------------------------------------------
 
@@ -79,7 +85,18 @@ class OutputStream:
         n = ring.read_into(out, limit)
         if n < FRAME_SAMPLES:
             out[n * 2:] = bytes(FRAME_BYTES - n * 2)
+        if self._probe is not None and ring.read_pos >= self._probe[0]:
+            written = self._probe[1]
+            self._probe = None
+            if self.on_probe is not None:
+                self.on_probe(time.monotonic() * 1000.0 - written)
         return generation
+
+    def probe(self, now: float) -> None:
+        """Times the audio just written (at `now`, monotonic ms) until the transport reads its
+        last sample, then reports the wait to `on_probe`. One probe at a time."""
+        if self._probe is None:
+            self._probe = (self.ring.write_pos, now)
 
     def finished_at_read(self) -> int | None:
         """The generation whose last sample has just been read (the transport marks it), if any."""
@@ -108,6 +125,7 @@ class OutputStream:
     def cancel(self, generation: int) -> int:
         """Drop every queued sample of generations ≤ `generation`; returns samples dropped."""
         dropped = self.ring.cancel(generation)
+        self._probe = None
         while self._ends and self._ends[0][1] <= generation:
             self._ends.popleft()
         if self.generation <= generation:

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import WSMsgType
 
 from bench.twilio_caller import Ticker, TwilioCaller, twilio_signature
+from engine.call import RELAY_PROBE_EVERY
 from engine.config import Settings
 from tests.servers import serve_engine
 from tests.speech import noise, speech, to_8k_mulaw
@@ -159,6 +160,12 @@ async def test_echo_backend_returns_every_frame() -> None:
         assert clicks_heard(caller, utterance.first_sent or 0.0) == 10
         call = next(iter(served.engine.calls.values()))
         assert call.stats.frames_in >= stats["frames_sent"] - 3
+        # one relayed chunk in RELAY_PROBE_EVERY is timed into the relay-latency histogram
+        histogram = served.engine.metrics.relay_latency.collect()[0]
+        count = next(s.value for s in histogram.samples if s.name.endswith("_count"))
+        assert count >= call.stats.frames_out // RELAY_PROBE_EVERY >= 1
+        async with aiohttp.ClientSession() as http, http.get(f"{served.url}/metrics") as resp:
+            assert f"engine_relay_latency_seconds_count {count}" in await resp.text()
 
 
 @pytest.mark.slow

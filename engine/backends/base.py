@@ -38,6 +38,8 @@ class Backend(abc.ABC):
     #: how much assistant audio the call may hold ahead of playback (a reply arrives faster than
     #: real time; the ring's pages are only touched as they fill)
     output_capacity_s: float = 30.0
+    #: the backend sends caller audio straight back (echo): the call times that relay path
+    relays_audio: bool = False
 
     def __init__(self, info: CallInfo, emit: Emit) -> None:
         self.info = info

@@ -10,6 +10,7 @@ from engine.events import AudioChunk
 class EchoBackend(Backend):
     turn_taking = False
     output_capacity_s = 2.0  # audio leaves as it arrives
+    relays_audio = True
 
     def send_audio(self, frame: bytes, now: float) -> None:
         self.emit(AudioChunk(frame, 0))
