@@ -450,7 +450,7 @@ class TwilioMediaStream:
             self.engine.pacer.register(self)
 
     def pump(self, now: float) -> bool:
-        """Tops Twilio's buffer up to the lead; False when nothing is left to pace."""
+        """Tops Twilio's buffer up to the lead; False when nothing is left to send."""
         call = self.call
         if call is None or self._closing:
             self._registered = False
@@ -476,7 +476,16 @@ class TwilioMediaStream:
                 while self._marks_due and self._marks_due[0][0] <= self._frames_sent:
                     _, generation, end_pos = self._marks_due.pop(0)
                     self._send_mark(generation, end_pos)
-        # What has played out of Twilio's buffer by now has been heard.
+        self._settle_heard(output, now)
+        # Paced only while audio waits to be sent: once everything has left, the tail's heard
+        # position is settled by the utterance's mark (or the next pump), not by a timer per call.
+        busy = output.ring.queued > 0 or self._out_frames.pending() > 0
+        if not busy:
+            self._registered = False
+        return busy
+
+    def _settle_heard(self, output: Any, now: float) -> None:
+        """What has played out of Twilio's buffer by `now` has been heard."""
         in_buffer_ms = self._buffer_end - now
         if in_buffer_ms < 0:
             in_buffer_ms = 0.0
@@ -487,14 +496,6 @@ class TwilioMediaStream:
         target = output.ring.read_pos - unheard
         if target > output.ring.ack_pos:
             output.heard_up_to(target)
-        busy = (
-            self._buffer_end + self._play_lag_ms + HEARD_MARGIN_MS > now
-            or output.ring.queued > 0
-            or self._out_frames.pending() > 0
-        )
-        if not busy:
-            self._registered = False
-        return busy
 
     def _next_frame(self, now: float) -> bytes | None:
         """The next 20 ms of 8 kHz PCM to send, or None."""
@@ -559,6 +560,7 @@ class TwilioMediaStream:
         if self._paused or self.call is None:
             return
         self._paused = True
+        self._settle_heard(self.call.output, now)  # the pacer may not have looked for a while
         self._send_clear(now)
         rewound = self.call.output.rewind()
         # `t` is when the clear left (the frame that triggered it arrived at `now`)
