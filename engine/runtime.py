@@ -43,7 +43,7 @@ class Engine:
         self.pacer = Pacer()
         from engine.transports.twilio import StreamTokens
 
-        self.stream_tokens = StreamTokens()
+        self.stream_tokens = StreamTokens(auth_token=settings.twilio_auth_token)
         self.base_url: str | None = None
         self.draining = False
         self._tasks: list[asyncio.Task[None]] = []

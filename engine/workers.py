@@ -32,6 +32,9 @@ MAX_QUICK_FAILURES = 3
 
 
 def run_workers(settings: Settings, serve_one: Callable[[Settings, int], None]) -> int:
+    from engine.transports.twilio import process_secret
+
+    process_secret()  # made before the fork: a stream token from one worker is good on all
     metrics_dir = tempfile.mkdtemp(prefix="voice-engine-metrics-")  # mode 0700
     try:
         return _supervise(settings, serve_one, metrics_dir)

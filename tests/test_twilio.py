@@ -15,6 +15,7 @@ from aiohttp import WSMsgType
 from bench.twilio_caller import Ticker, TwilioCaller, twilio_signature
 from engine.call import RELAY_PROBE_EVERY
 from engine.config import Settings
+from engine.transports.twilio import StreamTokens
 from tests.servers import serve_engine
 from tests.speech import noise, speech, to_8k_mulaw
 from tests.twilio_helpers import phone_call, until
@@ -88,6 +89,23 @@ async def test_signature_is_required_when_the_auth_token_is_set() -> None:
         tampered = dict(FORM, From="+19998887777")
         async with http.post(url, data=tampered, headers={"X-Twilio-Signature": good}) as resp:
             assert resp.status == 401
+
+
+def test_a_stream_token_from_one_worker_is_good_on_another_once() -> None:
+    # two workers' token books: same key (forked from one supervisor, or one auth token)
+    a, b = StreamTokens(auth_token="k"), StreamTokens(auth_token="k")
+    token = a.issue()
+    assert b.redeem(token)
+    assert not b.redeem(token)  # spent
+    assert not StreamTokens(auth_token="other").redeem(a.issue())  # another deployment's key
+    assert StreamTokens().redeem(StreamTokens().issue())  # one process tree shares its secret
+    tampered = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+    assert not a.redeem(tampered)
+    for garbage in ("", "x", "!!!!", "A" * 54, token + "AA"):
+        assert not a.redeem(garbage)
+    assert not StreamTokens(ttl_s=-1.0, auth_token="k").redeem(
+        StreamTokens(ttl_s=-1.0, auth_token="k").issue()
+    )  # expired
 
 
 async def test_stream_token_is_single_use_when_checks_are_on() -> None:

@@ -6,8 +6,10 @@ Outbound: the call's output stream → 8 kHz → mu-law → `media` messages of 
 process-wide pacer so Twilio's buffer holds only a small lead; a `mark` after each utterance tells
 when the caller has heard it; `clear` empties Twilio's buffer at once on barge-in.
 
-Outgoing frames are written straight to the socket (a prebuilt JSON template and a hand-built
-WebSocket frame), with no await and no task per frame. Bad input never takes the server down: it is
+Both directions run without an await or a task per frame: each incoming message is one synchronous
+call from the socket's data callback through the native frame parser (wsserver.py), and each
+outgoing frame is built in one allocation (a prebuilt JSON prefix, base64 and framing in C) and
+written straight to the socket. Bad input never takes the server down: it is
 counted, logged with the session id, and skipped, or it closes only this socket with a fitting code.
 """
 
@@ -132,24 +134,59 @@ TWIML_BUSY = (
 
 
 class StreamTokens:
-    """Per-call tokens put into the TwiML and checked on the stream's `start`: unguessable, single
-    use, short-lived."""
+    """Per-call tokens put into the TwiML and checked on the stream's `start`: unguessable,
+    short-lived, single use.
 
-    def __init__(self, ttl_s: float = TOKEN_TTL_S) -> None:
+    A token carries its own proof (expiry and nonce, signed with HMAC-SHA256), so whichever
+    worker answers the webhook, any worker can check the stream that follows. The key comes from
+    TWILIO_AUTH_TOKEN when set (every process and host agrees), otherwise from `process_secret()`,
+    made once in the supervisor before it forks its workers. A token is spent on the worker that
+    takes the stream.
+    """
+
+    def __init__(self, ttl_s: float = TOKEN_TTL_S, auth_token: str | None = None) -> None:
         self.ttl_s = ttl_s
-        self._tokens: dict[str, float] = {}
+        seed = auth_token.encode() if auth_token else process_secret()
+        self._key = hmac.new(seed, b"voice-engine stream token", hashlib.sha256).digest()
+        self._spent: dict[bytes, float] = {}  # nonce -> expiry, until it expires
 
     def issue(self) -> str:
-        now = time.monotonic()
-        if len(self._tokens) > 1000:
-            self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}
-        token = secrets.token_urlsafe(24)
-        self._tokens[token] = now + self.ttl_s
-        return token
+        body = int(time.time() + self.ttl_s).to_bytes(8, "big") + secrets.token_bytes(16)
+        mac = hmac.new(self._key, body, hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(body + mac).decode().rstrip("=")
 
     def redeem(self, token: str) -> bool:
-        expires = self._tokens.pop(token, None)
-        return expires is not None and expires > time.monotonic()
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (ValueError, binascii.Error):
+            return False
+        if len(raw) != 40:
+            return False
+        body, mac = raw[:24], raw[24:]
+        if not hmac.compare_digest(hmac.new(self._key, body, hashlib.sha256).digest()[:16], mac):
+            return False
+        expires = int.from_bytes(body[:8], "big")
+        now = time.time()
+        if expires <= now:
+            return False
+        nonce = body[8:]
+        if nonce in self._spent:
+            return False
+        if len(self._spent) > 1000:
+            self._spent = {n: exp for n, exp in self._spent.items() if exp > now}
+        self._spent[nonce] = expires
+        return True
+
+
+_process_secret: bytes | None = None
+
+
+def process_secret() -> bytes:
+    """A random key made once per process tree: call it before forking so workers share it."""
+    global _process_secret
+    if _process_secret is None:
+        _process_secret = secrets.token_bytes(32)
+    return _process_secret
 
 
 async def voice_webhook(request: web.Request) -> web.Response:
