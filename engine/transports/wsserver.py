@@ -134,9 +134,12 @@ class ServerWebSocket:
     # -- messages --------------------------------------------------------------------------------
 
     def _on_message(self, opcode: int, payload: bytes) -> None:
-        if self._held is not None and opcode <= OP_BINARY:
-            self._held.append((opcode, payload))
-            return
+        if opcode <= OP_BINARY:
+            if self._closing:
+                return  # after our close frame the handler has said its last word
+            if self._held is not None:
+                self._held.append((opcode, payload))
+                return
         try:
             if opcode == OP_TEXT:
                 self.handler.on_text(payload)
