@@ -54,6 +54,7 @@ async def test_cli_serves_with_two_workers_on_one_port_and_stops_on_sigterm() ->
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env={**os.environ, "SHUTDOWN_GRACE_S": "1"},
+        start_new_session=True,  # its own process group: a failed test takes the workers too
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -75,7 +76,7 @@ async def test_cli_serves_with_two_workers_on_one_port_and_stops_on_sigterm() ->
         assert await asyncio.to_thread(proc.wait, 20) == 0
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
