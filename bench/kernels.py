@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.kernel_case import Case
 
-KERNEL_MODULES = ("bench.kernels_g711", "bench.kernels_jitter")
+KERNEL_MODULES = ("bench.kernels_g711", "bench.kernels_jitter", "bench.kernels_ws")
 DEFAULT_JSON = Path(__file__).parent / "out" / "kernels.json"
 
 
