@@ -20,9 +20,9 @@ import os
 import timeit
 
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
+from engine._native.wsframe import FrameParser, text_frame_b64
 
 from bench.kernel_case import Case
-from engine._native.wsframe import FrameParser, text_frame_b64
 from engine.transports.base import ws_text_frame
 
 PREFIX = b'{"event":"media","streamSid":"MZ0123456789abcdef0123456789abcdef","media":{"payload":"'
