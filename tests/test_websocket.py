@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import os
 import random
+import weakref
 
 import aiohttp
 import pytest
@@ -294,3 +296,24 @@ async def test_a_raw_peer_breaking_the_protocol_gets_1002_and_others_carry_on() 
             await good.send_str("still here")
             assert (await good.receive()).data == "echo:still here"
         await until(lambda: 1002 in app.closed)
+
+
+async def test_a_closed_socket_is_freed_without_the_garbage_collector() -> None:
+    # The engine runs with a garbage collector tuned for latency (rare full collections): an
+    # ended call must not wait for one to give its memory back.
+    app = App()
+    gc.collect()
+    gc.disable()
+    try:
+        async with serve_app(app.make()) as url, aiohttp.ClientSession() as http:
+            async with http.ws_connect(f"{url}/ws") as ws:
+                await ws.send_str("one")
+                assert (await ws.receive()).data == "echo:one"
+            await until(lambda: len(app.closed) == 1)
+            handler = app.handlers.pop()
+            gone = weakref.ref(handler.ws)  # type: ignore[arg-type]
+            del handler
+            await asyncio.sleep(0.05)
+            assert gone() is None
+    finally:
+        gc.enable()

@@ -44,6 +44,22 @@ class MessageHandler(Protocol):
     def on_binary(self, data: bytes) -> None: ...
 
 
+class _Gone:
+    """Where messages go once the socket is gone (none should come)."""
+
+    def on_text(self, data: bytes) -> None:
+        pass
+
+    def on_binary(self, data: bytes) -> None:
+        pass
+
+
+_GONE = _Gone()
+#: the parser of every closed socket: already failed, it holds nothing and calls nothing
+_SPENT_PARSER = FrameParser(125, lambda opcode, payload: None)
+_SPENT_PARSER.fail(1000)
+
+
 class HandshakeError(web.HTTPBadRequest):
     pass
 
@@ -241,6 +257,10 @@ class ServerWebSocket:
         self._held = None
         if self.close_code is None:
             self.close_code = ABNORMAL
+        # Cut the cycles (handler <-> socket, parser <-> socket) so an ended call is freed by
+        # reference counting at once rather than by a rare full garbage collection.
+        self.handler = _GONE
+        self._parser = _SPENT_PARSER
         if self._close_timer is not None:
             self._close_timer.cancel()
         if not self._done.done():
