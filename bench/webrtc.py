@@ -915,7 +915,7 @@ def main(argv: list[str]) -> int:
                         runs.append(one_run(opts, link.kind or "impaired", media, calls, out, link))
         except LinkUnavailable as exc:
             print(f"bench webrtc: skipping the impaired link: {exc}", file=sys.stderr)
-    from engine.transports.webrtc import opus_version
+    from engine.audio.opus import opus_version
 
     results = {
         "bench": "webrtc",
