@@ -65,7 +65,10 @@ class Call:
         # histogram: written by the backend -> read by the transport to send, sampled.
         self._probe_countdown = RELAY_PROBE_EVERY if self.backend.relays_audio else 0
         if self._probe_countdown:
-            self.output.on_probe = self._observe_relay
+            # not a method of the call: the output stream must not point back at it (a cycle
+            # would keep an ended call alive until a rare full garbage collection)
+            histogram = engine.metrics.relay_latency
+            self.output.on_probe = lambda waited_ms: histogram.observe(waited_ms / 1000.0)
         self.turn_taking = self.backend.turn_taking
         self.turns = TurnMachine(engine.turn_config)
         self.vad = engine.new_vad() if self.turn_taking else None
@@ -155,9 +158,6 @@ class Call:
         if self.turn_taking:
             self.turns.on_reply_started(generation, now)
         self.transport.notify({"type": "turn", "state": self.turns.state.value})
-
-    def _observe_relay(self, waited_ms: float) -> None:
-        self.engine.metrics.relay_latency.observe(waited_ms / 1000.0)
 
     def on_heard(self, generation: int, now: float) -> None:
         """The caller has heard utterance `generation` to its end."""

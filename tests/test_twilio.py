@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import time
+import weakref
 import xml.etree.ElementTree as ElementTree
 
 import aiohttp
@@ -184,6 +186,26 @@ async def test_echo_backend_returns_every_frame() -> None:
         assert count >= call.stats.frames_out // RELAY_PROBE_EVERY >= 1
         async with aiohttp.ClientSession() as http, http.get(f"{served.url}/metrics") as resp:
             assert f"engine_relay_latency_seconds_count {count}" in await resp.text()
+
+
+async def test_an_ended_call_is_freed_without_the_garbage_collector() -> None:
+    # The engine runs with a garbage collector tuned for latency (full collections are rare):
+    # a reference cycle anywhere in a call would hold its memory long after it ended.
+    gc.collect()
+    gc.disable()
+    try:
+        async with phone_call(Settings(backend="echo")) as (served, caller):
+            utterance = caller.speak(click_train(3))
+            await utterance.finished()
+            call = next(iter(served.engine.calls.values()))
+            refs = [weakref.ref(call), weakref.ref(call.transport), weakref.ref(call.output)]
+            del call
+            await caller.hangup()
+            await until(lambda: not served.engine.calls, what="call ended")
+            await asyncio.sleep(0.05)
+            assert [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()
 
 
 @pytest.mark.slow
