@@ -489,7 +489,7 @@ class TwilioMediaStream:
     def pump(self, now: float) -> bool:
         """Tops Twilio's buffer up to the lead; False when nothing is left to send."""
         call = self.call
-        if call is None or self._closing:
+        if call is None or self._closing or self.ws.closing:
             self._registered = False
             return False
         output = call.output
@@ -580,7 +580,7 @@ class TwilioMediaStream:
 
     def _send_json(self, message: dict[str, Any]) -> None:
         sock = self._socket
-        if sock is not None and not sock.is_closing():
+        if sock is not None and not sock.is_closing() and not self.ws.closing:
             sock.write(ws_text_frame(orjson.dumps(message)))
 
     def _send_clear(self, now: float) -> None:

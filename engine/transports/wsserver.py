@@ -98,7 +98,9 @@ class ServerWebSocket:
         self.close_code: int | None = None  #: the code the connection closed with
         self.closed = False  #: the socket is gone
         self._parser = FrameParser(max_message, self._on_message)
-        self._closing = False  # our close frame has been sent
+        #: our close frame has been sent (a close has begun, from either side, or the
+        #: connection failed): nothing more may be written
+        self.closing = False
         self._held: deque[tuple[int, bytes]] | None = None
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._close_timer: asyncio.TimerHandle | None = None
@@ -127,11 +129,6 @@ class ServerWebSocket:
         protocol.keep_alive(False)
         return response
 
-    @property
-    def closing(self) -> bool:
-        """A close has begun (either side, or a protocol failure) or the socket is gone."""
-        return self._closing or self.closed or self._parser.error != 0
-
     async def wait_closed(self) -> None:
         await asyncio.shield(self._done)
 
@@ -151,7 +148,7 @@ class ServerWebSocket:
 
     def _on_message(self, opcode: int, payload: bytes) -> None:
         if opcode <= OP_BINARY:
-            if self._closing:
+            if self.closing:
                 return  # after our close frame the handler has said its last word
             if self._held is not None:
                 self._held.append((opcode, payload))
@@ -182,8 +179,8 @@ class ServerWebSocket:
             return
         if self.close_code is None:
             self.close_code = code
-        if not self._closing:
-            self._closing = True
+        if not self.closing:
+            self.closing = True
             self._write(close_frame(1000 if code == NO_STATUS else code))
         self._parser.fail(1000)  # nothing after a close frame is read
         if self.transport is not None:
@@ -200,7 +197,7 @@ class ServerWebSocket:
         """Deliver what was held, then resume reading."""
         held, self._held = self._held, None
         while held:
-            if self.closed or self._closing:
+            if self.closed or self.closing:
                 return
             opcode, payload = held.popleft()
             self._on_message(opcode, payload)
@@ -218,31 +215,40 @@ class ServerWebSocket:
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Starts the close handshake; the socket is cut if the peer does not answer in time."""
-        if self._closing or self.closed:
+        if self.closing or self.closed:
             return
-        self._closing = True
+        self.closing = True
         if self.close_code is None:
             self.close_code = code
         self._held = None
         self._write(close_frame(code, reason.encode()[:120]))
         if self.transport is not None and not self.transport.is_closing():
-            self._close_timer = asyncio.get_running_loop().call_later(
-                CLOSE_TIMEOUT_S, self._cut
-            )
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self._cut)
         else:
             self._lost()
 
     def _fail(self, code: int) -> None:
-        """Fails the connection: a close frame with `code`, then the socket is closed."""
+        """Fails the connection: a close frame with `code`, and nothing more is sent.
+
+        Reading goes on (and is discarded) until the peer closes or `CLOSE_TIMEOUT_S` passes:
+        closing the socket while the peer's data is still arriving would reset the connection,
+        and the reset would destroy our close frame, unread, on the peer's side. (Ending our side
+        with a FIN is no better: clients then fail to send their own close and report 1006.)
+        """
         if self.closed:
             return
         self._parser.fail(code)
         if self.close_code is None:
             self.close_code = code
-        if not self._closing:
-            self._closing = True
+        if not self.closing:
+            self.closing = True
             self._write(close_frame(code))
-        self._cut()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self._cut()
+            return
+        if self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self._cut)
 
     def _cut(self) -> None:
         if self.transport is not None:
@@ -254,6 +260,7 @@ class ServerWebSocket:
         if self.closed:
             return
         self.closed = True
+        self.closing = True
         self._held = None
         if self.close_code is None:
             self.close_code = ABNORMAL
