@@ -6,9 +6,8 @@ then close). Before and after it reads `/health` (must return to 0 active calls 
 and the server process's open fds, threads, RSS and TCP sockets by state (psutil). What the
 engine left behind (a socket in CLOSE_WAIT, a fd, a thread) shows up as after − before.
 
-The count of asyncio tasks inside the server is not read: asyncio has no way to ask another
-process for it without a hook in the engine (a debug route or signal handler), and this harness
-only looks from outside.
+The count of asyncio tasks inside the server comes from its /metrics
+(`engine_event_loop_tasks`, read at each scrape), before and after.
 
     python -m bench churn --calls 10000 --concurrency 50
 """
@@ -207,8 +206,10 @@ async def churn(opts: ChurnOptions, out: Path) -> dict[str, Any]:
             "threads": after["threads"] - before["threads"],
             "rss_mb": round(after["rss_mb"] - before["rss_mb"], 2),
         },
-        "asyncio_tasks": "not measured: no way to read another process's task count without "
-        "an engine hook",
+        "asyncio_tasks": {
+            "before": int(metrics_before.get("engine_event_loop_tasks", -1)),
+            "after": int(metrics_after.get("engine_event_loop_tasks", -1)),
+        },
         "errors": tally.errors or [],
     }
 

@@ -12,6 +12,7 @@ change; `/metrics?scope=worker` is the answering worker's own view.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Callable, Iterable, Iterator
@@ -47,6 +48,7 @@ GAUGES = (
     ("engine_active_sessions", "Live sessions", "livesum"),
     ("engine_jitter_depth_frames", "Frames held in jitter buffers", "livesum"),
     ("engine_uptime_seconds", "Seconds since start", "livemax"),  # the oldest live worker
+    ("engine_event_loop_tasks", "asyncio tasks alive on the event loop", "livesum"),
 )
 SCOPES = ("cluster", "worker")
 
@@ -68,6 +70,14 @@ def enable_multiprocess(path: str) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # the mmap files are named from it
     values.ValueClass = values.MultiProcessValue()
     _shared_dir = path
+
+
+def _loop_tasks() -> int:
+    """Tasks alive on the running event loop (0 outside one): a leak shows as growth."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
 
 
 class CallStats:
@@ -184,6 +194,7 @@ class Metrics(Collector):
             "engine_active_sessions": self.active_sessions(),
             "engine_jitter_depth_frames": sum(s.jitter_depth for s in self._live.values()),
             "engine_uptime_seconds": time.time() - self.started,
+            "engine_event_loop_tasks": _loop_tasks(),
         }
 
     def other_collectors(self) -> list[Collector]:

@@ -46,6 +46,8 @@ def test_churn_returns_engine_to_zero_sessions_and_its_fds(tmp_path: Path) -> No
     assert r["health_after"]["activeCalls"] == 0
     assert abs(r["process_after"]["fds"] - r["process_before"]["fds"]) <= 3
     assert "CLOSE_WAIT" not in r["process_after"]["tcp"]
+    tasks = r["asyncio_tasks"]  # read from the engine's /metrics, before and after the churn
+    assert tasks["before"] > 0 and tasks["after"] <= tasks["before"] + 2
 
 
 def test_faults_runs_every_fault_beside_good_calls(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ async def test_metrics_are_prometheus_text() -> None:
             assert resp.headers["Content-Type"].startswith("text/plain")
             text = await resp.text()
     assert "engine_active_calls 0.0" in text
+    assert "engine_event_loop_tasks " in text and "engine_event_loop_tasks 0.0" not in text
     assert "# TYPE engine_frames_in_total counter" in text
 
 
