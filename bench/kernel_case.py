@@ -1,4 +1,5 @@
-"""One measured kernel: the shape every kernel benchmark module hands to `python -m bench.kernels`."""
+"""One measured kernel: the shape every kernel benchmark module hands to
+`python -m bench.kernels`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,4 +12,5 @@ class Case:
     name: str  # which implementation, e.g. "native", "audioop", "numpy LUT", "aiortc"
     func: Callable[[], object]  # one call = one unit of work (a frame, a buffer, a packet)
     baseline: bool = False  # the implementation the group's ratios are taken against
-    target: float | None = None  # speed-up over the baseline this case must reach (2.0 = twice as fast)
+    # speed-up over the baseline this case must reach (2.0 = twice as fast)
+    target: float | None = None

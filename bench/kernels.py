@@ -6,8 +6,9 @@
 Each module in KERNEL_MODULES exposes `cases() -> list[Case]`; a module that is not in this
 checkout is skipped, one that fails to import is reported and skipped. A case is timed like
 `timeit`'s autorange: the call count grows until one run lasts `--min-time`, then the best of
-`--repeat` runs gives nanoseconds per call; the runs of one group's cases are interleaved. Ratios are speed-ups over the group's baseline
-(baseline ns / case ns, so 2.0 = twice as fast) and are checked against each case's target.
+`--repeat` runs gives nanoseconds per call; the runs of one group's cases are interleaved.
+Ratios are speed-ups over the group's baseline (baseline ns / case ns, so 2.0 = twice as
+fast) and are checked against each case's target.
 The exit status is 0 whatever the numbers: this reports, CI's tests judge.
 """
 
@@ -174,7 +175,8 @@ def format_table(results: list[Result]) -> str:
                 mark = {True: "✓", False: "✗", None: "?"}[r.meets_target]
                 verdict = f"{mark} target {r.case.target:.2f}x"
             lines.append(
-                f"  {r.case.name:<{name_width}}{_fmt_ns(r.ns_per_call):>14} ns  {ratio:>9}  {verdict}"
+                f"  {r.case.name:<{name_width}}{_fmt_ns(r.ns_per_call):>14} ns"
+                f"  {ratio:>9}  {verdict}"
             )
             if r.error:
                 lines.append("    " + r.error.strip().splitlines()[-1])

@@ -199,13 +199,16 @@ class Call:
             self.transport.notify({"type": "transcript", "role": event.role, "text": event.text,
                                    "final": event.final})
             if event.final:
-                log.info("call.transcript", session=self.session_id, role=event.role, text=event.text)
+                log.info("call.transcript", session=self.session_id, role=event.role,
+                         text=event.text)
         elif kind is AssistantText:
             assert isinstance(event, AssistantText)
             if self.turn_taking:
                 self.turns.expect_reply(event.generation)
-            self.transport.notify({"type": "assistant", "text": event.text, "generation": event.generation})
-            log.info("call.reply", session=self.session_id, generation=event.generation, text=event.text)
+            self.transport.notify({"type": "assistant", "text": event.text,
+                                   "generation": event.generation})
+            log.info("call.reply", session=self.session_id, generation=event.generation,
+                     text=event.text)
         elif kind is Interrupted:
             assert isinstance(event, Interrupted)
             now = now_ms()
@@ -219,9 +222,11 @@ class Call:
         elif kind is BackendError:
             assert isinstance(event, BackendError)
             self.engine.metrics.backend_errors += 1
-            log.error("call.backend_error", session=self.session_id, message=event.message, fatal=event.fatal)
+            log.error("call.backend_error", session=self.session_id, message=event.message,
+                      fatal=event.fatal)
             if event.fatal:
-                self._spawn(self._announce(self.engine.assistant.apology, then_end="backend-failed"))
+                self._spawn(self._announce(self.engine.assistant.apology,
+                                           then_end="backend-failed"))
         elif kind is Status:
             assert isinstance(event, Status)
             self.transport.notify({"type": event.kind, **event.data})
@@ -236,7 +241,8 @@ class Call:
                 self.on_backend_event(TransferRequest(number, self.engine.assistant.handoff))
             return
         self.transport.notify({"type": "vapi", "event": kind,
-                               **{k: message[k] for k in ("status", "role", "transcript") if k in message}})
+                               **{k: message[k] for k in ("status", "role", "transcript")
+                                  if k in message}})
 
     # -- turn actions --------------------------------------------------------------------------
 
@@ -248,7 +254,8 @@ class Call:
                 log.info("barge_in.detected", session=self.session_id, t=round(action.onset, 3),
                          generation=action.generation)
                 self.transport.pause(now)
-                self.engine.metrics.barge_in_latency.observe(max(0.0, now_ms() - action.onset) / 1000.0)
+                self.engine.metrics.barge_in_latency.observe(
+                    max(0.0, now_ms() - action.onset) / 1000.0)
                 self.transport.notify({"type": "barge-in", "step": "paused"})
             elif kind is ResumeOutput:
                 self.transport.resume(now)
@@ -262,7 +269,8 @@ class Call:
                 log.info("barge_in.cancelled", session=self.session_id, t=round(now, 1),
                          generation=action.generation, dropped_ms=dropped // 16,
                          by_backend=action.by_backend)
-                self.transport.notify({"type": "barge-in", "step": "cancelled", "generation": action.generation})
+                self.transport.notify({"type": "barge-in", "step": "cancelled",
+                                       "generation": action.generation})
             elif kind is EndOfTurn:
                 assert isinstance(action, EndOfTurn)
                 self._turn_speech_end = action.speech_end
@@ -289,12 +297,15 @@ class Call:
         await asyncio.sleep(HANGUP_GRACE_S)
         self.transport.hangup(reason)
 
-    async def _announce(self, text: str, then_end: str | None = None, wait_heard: bool = False) -> None:
+    async def _announce(
+        self, text: str, then_end: str | None = None, wait_heard: bool = False
+    ) -> None:
         """Speak `text` with the local synthesizer, cutting whatever the backend was saying;
         with `wait_heard`, return once the caller has heard it (bounded)."""
         from engine.speech.tts import stream
 
-        generation = max(self.output.generation, self.output.ring.cancelled_generation, self._announcement) + 1
+        generation = max(self.output.generation, self.output.ring.cancelled_generation,
+                         self._announcement) + 1
         self._announcement = generation
         heard = self._heard[generation] = asyncio.Event()
         if self.output.generation >= 0:
@@ -318,7 +329,8 @@ class Call:
     async def _transfer(self, request: TransferRequest) -> None:
         self.engine.metrics.transfers += 1
         log.info("transfer.requested", session=self.session_id, destination=request.destination)
-        self.transport.notify({"type": "transfer", "state": "connecting", "destination": request.destination})
+        self.transport.notify({"type": "transfer", "state": "connecting",
+                               "destination": request.destination})
         # The redirect stops the stream at once: the caller must have heard the hand-off first.
         await self._announce(request.message, wait_heard=True)
         ok = await self.transport.transfer(request.destination)

@@ -337,7 +337,7 @@ class ClusterLink:
         results = await pipe.execute()
         ids = sorted(_text(w) for w in results[-1])
         healths = await self.redis.mget([self._alive_key(w) for w in ids]) if ids else []
-        gone = [w for w, raw in zip(ids, healths) if raw is None]
+        gone = [w for w, raw in zip(ids, healths, strict=True) if raw is None]
         if gone:
             await self.redis.srem(self._workers_key, *gone)
         live = [orjson.loads(raw) for raw in healths if raw is not None]

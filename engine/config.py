@@ -63,7 +63,9 @@ class Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, dotenv: Path | None = None) -> "Settings":
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, dotenv: Path | None = None
+    ) -> "Settings":
         merged = read_dotenv(dotenv if dotenv is not None else Path.cwd() / ".env")
         merged.update(os.environ if env is None else env)
 

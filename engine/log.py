@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line, one line per event, with the session id when there is one.
+"""Structured logs: one JSON object per line, one line per event,
+with the session id when there is one.
 
     log = get_logger("twilio")
     log.info("stream.start", session=sid, call_sid=call_sid)

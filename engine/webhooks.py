@@ -271,7 +271,8 @@ class VapiWebhooks:
         cluster: Any = None,
     ) -> None:
         self.settings = settings
-        #: the engine's `ClusterLink` when workers share Redis: calls held elsewhere are routed there
+        #: the engine's `ClusterLink` when workers share Redis: calls held elsewhere are
+        #: routed there
         self.cluster = cluster
         self.store = store
         self.calls = calls

@@ -52,7 +52,9 @@ async def serve_engine(settings: Settings | None = None, backend: BackendFactory
 
 
 @contextlib.asynccontextmanager
-async def running_engine(settings: Settings | None = None, **overrides: object) -> AsyncIterator[str]:
+async def running_engine(
+    settings: Settings | None = None, **overrides: object
+) -> AsyncIterator[str]:
     """Yields the base URL (http://127.0.0.1:PORT) of an engine serving on a real socket."""
     async with serve_engine(settings, **overrides) as served:
         yield served.url

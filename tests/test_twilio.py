@@ -428,9 +428,9 @@ async def test_canned_backend_answers_every_turn_with_its_reply() -> None:
             question = caller.speak(to_8k_mulaw(speech("what are your opening hours")))
             await question.finished()
             asked = question.last_loud_sent or time.monotonic()
-            await until(lambda: caller.first_audio_after(asked) is not None, timeout=10,
+            await until(lambda asked=asked: caller.first_audio_after(asked) is not None, timeout=10,
                         what="the canned reply")
-            await until(lambda: caller.stats()["marks_echoed"] >= turn, timeout=15,  # noqa: B023
+            await until(lambda turn=turn: caller.stats()["marks_echoed"] >= turn, timeout=15,
                         what="the reply heard to its end")
         call = next(iter(served.engine.calls.values()))
         assert call.backend.generation == 2

@@ -78,7 +78,8 @@ async def test_a_transfer_tool_call_tells_the_browser_an_agent_is_coming() -> No
                 toolCallList=[{"id": "tool-1", "type": "function",
                                "function": {"name": "transfer_call", "arguments": {}}}])
             [(status, body)] = await fire_webhook(
-                http, served.url + "/vapi/webhook", sign_webhook(message, scheme="bearer", secret=secret))
+                http, served.url + "/vapi/webhook",
+                sign_webhook(message, scheme="bearer", secret=secret))
             assert status == 200 and b"Transferring" in body
             await until(lambda: any(e.get("type") == "agent-requested" for _, e in caller.events),
                         15.0, "the agent-requested event (after the hand-off line)")

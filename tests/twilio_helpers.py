@@ -12,7 +12,9 @@ from engine.config import Settings
 from tests.servers import Served, serve_engine
 
 
-async def until(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+async def until(
+    condition: Callable[[], object], timeout: float = 10.0, what: str = "condition"
+) -> None:
     """Waits (polling every 20 ms) until `condition()` is true; fails the test after `timeout`."""
     deadline = time.monotonic() + timeout
     while not condition():

@@ -55,7 +55,9 @@ class TwilioRestStandin:
         await self.stop()
 
     @staticmethod
-    def _error(status: int, code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    def _error(
+        status: int, code: int, message: str, headers: dict[str, str] | None = None
+    ) -> web.Response:
         return web.json_response({"code": code, "message": message, "status": status,
                                   "more_info": f"https://www.twilio.com/docs/errors/{code}"},
                                  status=status, headers=headers)
@@ -67,7 +69,8 @@ class TwilioRestStandin:
         def record(status: int) -> None:
             self.updates.append(CallUpdate(account, call, form, status))
 
-        expected = "Basic " + base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        credentials = f"{self.account_sid}:{self.auth_token}".encode()
+        expected = "Basic " + base64.b64encode(credentials).decode()
         if request.headers.get("Authorization") != expected or account != self.account_sid:
             record(401)
             return self._error(401, 20003, "Authenticate")

@@ -13,7 +13,10 @@ from typing import Any
 from engine.backends.base import Backend, BackendFactory, CallInfo, Emit
 from engine.events import AssistantText, AudioChunk, Transcript, UtteranceEnd
 
-REPLY = "Thank you. This is a prepared answer, long enough to be interrupted, and the same for everyone."
+REPLY = (
+    "Thank you. This is a prepared answer, long enough to be interrupted,"
+    " and the same for everyone."
+)
 CHUNK_BYTES = 3200  # 100 ms of 16 kHz PCM per chunk, as a streaming synthesizer would hand it over
 
 _reply_pcm: bytes | None = None

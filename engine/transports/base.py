@@ -23,7 +23,8 @@ class CallTransport(Protocol):
         """The queued utterance was dropped: make sure nothing of it is still playing."""
 
     def notify(self, event: dict[str, Any]) -> None:
-        """An event for the caller's page (transcripts, turn state); transports without one ignore it."""
+        """An event for the caller's page (transcripts, turn state); transports without one
+        ignore it."""
 
     def hangup(self, reason: str) -> None:
         """End the call from the engine's side."""

@@ -17,10 +17,15 @@ log = get_logger("twilio.rest")
 
 
 def dial_twiml(number: str) -> str:
-    return f'<?xml version="1.0" encoding="UTF-8"?><Response><Dial>{escape(number)}</Dial></Response>'
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f"<Response><Dial>{escape(number)}</Dial></Response>"
+    )
 
 
-async def redirect_call(engine: Any, account_sid: str, call_sid: str, number: str, session_id: str) -> bool:
+async def redirect_call(
+    engine: Any, account_sid: str, call_sid: str, number: str, session_id: str
+) -> bool:
     """Points the live call at `<Dial>number</Dial>`; True when Twilio accepted."""
     from engine.retry import RetryError, request_with_retry
 
