@@ -264,6 +264,7 @@ async def test_server_close_and_oversized_message_reach_the_client_with_their_co
             await ws.send_str("x" * 4_000_000)
             msg = await ws.receive()
             assert msg.type is WSMsgType.CLOSE and ws.close_code == 1009
+            assert msg.extra == "message too big"
         await until(lambda: sorted(app.closed) == [1009, 4000])
 
 
@@ -292,8 +293,10 @@ async def test_a_raw_peer_breaking_the_protocol_gets_1002_and_others_carry_on() 
             assert head.startswith(b"HTTP/1.1 101")
             assert f"Sec-WebSocket-Accept: {accept_key(key)}".encode() in head
             writer.write(client_frame(1, b"unmasked", masked=False))
-            closing = await asyncio.wait_for(reader.readexactly(4), 5)
-            assert closing == b"\x88\x02\x03\xea"  # close frame, code 1002
+            header = await asyncio.wait_for(reader.readexactly(2), 5)
+            assert header[0] == 0x88  # a close frame
+            body = await reader.readexactly(header[1])
+            assert body == (1002).to_bytes(2, "big") + b"protocol error"  # code and reason
             writer.close()  # the peer hangs up: the server's side goes at once
             await good.send_str("still here")
             assert (await good.receive()).data == "echo:still here"

@@ -36,6 +36,13 @@ ABNORMAL = 1006  # the connection dropped without a close frame
 INTERNAL_ERROR = 1011
 
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING = 1, 2, 8, 9
+#: the reason sent with the close code when the connection fails
+FAILURE_REASONS = {
+    1002: b"protocol error",
+    1007: b"text message is not UTF-8",
+    1009: b"message too big",
+    INTERNAL_ERROR: b"internal error",
+}
 
 
 class MessageHandler(Protocol):
@@ -242,7 +249,7 @@ class ServerWebSocket:
             self.close_code = code
         if not self.closing:
             self.closing = True
-            self._write(close_frame(code))
+            self._write(close_frame(code, FAILURE_REASONS.get(code, b"")))
         transport = self.transport
         if transport is None or transport.is_closing():
             self._cut()
