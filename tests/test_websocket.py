@@ -322,3 +322,39 @@ async def test_a_closed_socket_is_freed_without_the_garbage_collector() -> None:
             assert gone() is None
     finally:
         gc.enable()
+
+
+async def test_a_close_while_messages_are_held_still_completes_the_handshake_at_once() -> None:
+    # The handler holds delivery (a call starting), then refuses the call: the close handshake
+    # must not wait out the timeout because reading was paused.
+    app = App()
+    async with serve_app(app.make()) as url, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{url}/ws") as ws:
+            await ws.send_str("hold")
+            await until(lambda: app.handlers and app.handlers[0].ws._held is not None)
+            started = asyncio.get_running_loop().time()
+            app.handlers[0].ws.close(4001, "refused")  # type: ignore[union-attr]
+            msg = await ws.receive()
+            assert msg.type is WSMsgType.CLOSE and ws.close_code == 4001
+        await until(lambda: app.closed == [4001], timeout=1.0)
+        assert asyncio.get_running_loop().time() - started < 1.0
+
+
+@pytest.mark.parametrize("code", [999, 1005, 1006, 1015, 2000, 5000])
+async def test_a_close_frame_with_a_reserved_code_is_a_protocol_error(code: int) -> None:
+    app = App()
+    async with serve_app(app.make()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        key = base64.b64encode(random.randbytes(16)).decode()
+        writer.write(
+            f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(client_frame(8, code.to_bytes(2, "big")))
+        header = await asyncio.wait_for(reader.readexactly(2), 5)
+        body = await reader.readexactly(header[1])
+        assert header[0] == 0x88 and body[:2] == (1002).to_bytes(2, "big")
+        writer.close()
+        await until(lambda: app.closed == [1002])

@@ -94,6 +94,12 @@ def _check_handshake(request: web.Request) -> str:
     return key
 
 
+def _sendable_close_code(code: int) -> bool:
+    """Codes a peer may put in a close frame (RFC 6455 §7.4): not the reserved 1004-1006 and
+    1015, nor anything outside the defined, registered and private ranges."""
+    return (1000 <= code <= 1014 and code not in (1004, 1005, 1006)) or 3000 <= code <= 4999
+
+
 class ServerWebSocket:
     """One accepted WebSocket; `handler` gets every message synchronously, in order."""
 
@@ -179,6 +185,9 @@ class ServerWebSocket:
     def _on_close_frame(self, payload: bytes) -> None:
         if len(payload) >= 2:
             code = int.from_bytes(payload[:2], "big")
+            if not _sendable_close_code(code):
+                self._fail(1002)
+                return
         elif not payload:
             code = NO_STATUS
         else:
@@ -211,8 +220,17 @@ class ServerWebSocket:
             if self._held is not None:  # the handler held again: keep the rest for later
                 self._held.extendleft(reversed(held))
                 return
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def _drop_held(self) -> None:
+        """Closing: held messages will never be delivered, and the peer's close must be read."""
+        if self._held is not None:
+            self._held = None
+            self._resume_reading()
 
     # -- sending and closing -----------------------------------------------------------------
 
@@ -227,7 +245,7 @@ class ServerWebSocket:
         self.closing = True
         if self.close_code is None:
             self.close_code = code
-        self._held = None
+        self._drop_held()
         self._write(close_frame(code, reason.encode()[:120]))
         if self.transport is not None and not self.transport.is_closing():
             self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self._cut)
@@ -250,6 +268,7 @@ class ServerWebSocket:
         if not self.closing:
             self.closing = True
             self._write(close_frame(code, FAILURE_REASONS.get(code, b"")))
+        self._drop_held()
         transport = self.transport
         if transport is None or transport.is_closing():
             self._cut()
