@@ -69,3 +69,18 @@ def test_ratios_are_speed_ups_over_the_group_baseline() -> None:
     assert fast.meets_target is True
     assert other.ratio is None and other.meets_target is None
     assert "✓ target 2.00x" in kernels.format_table([slow, fast])
+
+
+def test_the_installed_command_finds_the_harness_from_any_directory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    command = Path(sys.executable).with_name("voice-engine")
+    if not command.exists():
+        pytest.skip("the voice-engine console script is not installed beside this interpreter")
+    done = subprocess.run(
+        [str(command), "bench", "twilio", "--help"], cwd=tmp_path, capture_output=True,
+        text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--compare-relay" in done.stdout
