@@ -8,6 +8,8 @@
   end-to-end benchmark (`voice-engine bench twilio`) measures.
 - build: one outgoing `media` message from 160 bytes of mu-law (base64, the JSON around it, the
   frame header): native `text_frame_b64` against `binascii` + concatenation + a Python header.
+- payload: an incoming message's base64 payload to 16-bit PCM: native `ulaw_decode_b64` (one
+  pass) against strict `binascii.a2b_base64` then `ulaw_decode`.
 
 Run standalone for a quick reading: ``python -m bench.kernels_ws``.
 """
@@ -23,6 +25,7 @@ from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from engine._native.wsframe import FrameParser, text_frame_b64
 
 from bench.kernel_case import Case
+from engine.audio.g711 import ulaw_decode, ulaw_decode_b64
 from engine.transports.base import ws_text_frame
 
 PREFIX = b'{"event":"media","streamSid":"MZ0123456789abcdef0123456789abcdef","media":{"payload":"'
@@ -95,7 +98,19 @@ def cases() -> list[Case]:
     data = data if isinstance(data, bytes) else data.encode()
     assert got == [data], "the parsers disagree"
     assert native_build() == python_build()
+    payload = binascii.b2a_base64(mulaw, newline=False).decode()
+
+    def native_payload() -> bytes:
+        return ulaw_decode_b64(payload)
+
+    def python_payload() -> bytes:
+        return ulaw_decode(binascii.a2b_base64(payload, strict_mode=True))
+
+    assert native_payload() == python_payload()
     return [
+        Case("Media Streams payload: base64 to PCM", "native", native_payload, target=2.0),
+        Case("Media Streams payload: base64 to PCM", "binascii + ulaw_decode", python_payload,
+             baseline=True),
         Case("WebSocket: parse a media message", "native", native_parse, target=2.0),
         Case("WebSocket: parse a media message", "aiohttp reader", aiohttp_parse, baseline=True),
         Case("WebSocket: build a media message", "native", native_build, target=1.5),

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.audio import g711
 
@@ -207,3 +211,40 @@ def test_round_trip_keeps_speech_within_the_codec_step() -> None:
         back = np.frombuffer(decode(encode(pcm.astype("<i2").tobytes())), "<i2").astype(np.int32)
         # G.711 steps are at most 1/16 of the magnitude (plus a small floor near zero).
         assert (np.abs(back - pcm) <= np.abs(pcm) // 16 + 64).all()
+
+
+# -- base64 of mu-law straight to PCM (a Media Streams payload) -----------------------------------
+
+B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
+@given(st.binary(max_size=400))
+def test_b64_decode_equals_base64_then_ulaw_decode(codes: bytes) -> None:
+    text = base64.b64encode(codes).decode()
+    assert g711.ulaw_decode_b64(text) == g711.ulaw_decode(codes)
+
+
+@given(st.text(alphabet=B64_ALPHABET + " \n-_é", max_size=24))
+def test_b64_decode_accepts_nothing_that_strict_binascii_refuses(text: str) -> None:
+    try:
+        strict = g711.ulaw_decode(binascii.a2b_base64(text, strict_mode=True))
+    except (binascii.Error, ValueError):
+        strict = None
+    try:
+        ours = g711.ulaw_decode_b64(text)
+    except ValueError:
+        return  # refused (it may refuse a little more: a length that is not a multiple of 4)
+    assert ours == strict
+
+
+@pytest.mark.parametrize(
+    "text", ["@@not base64!!", "AAA", "AA=A", "=AAA", "AAAA=", "A===", "AA\nAA", "AAé=", "AA-_"]
+)
+def test_b64_decode_refuses_malformed_text(text: str) -> None:
+    with pytest.raises(ValueError):
+        g711.ulaw_decode_b64(text)
+
+
+def test_b64_decode_takes_only_text() -> None:
+    with pytest.raises(TypeError):
+        g711.ulaw_decode_b64(b"AAAA")  # type: ignore[arg-type]

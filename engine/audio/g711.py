@@ -17,6 +17,7 @@ __all__ = [
     "alaw_encode",
     "alaw_encode_into",
     "ulaw_decode",
+    "ulaw_decode_b64",
     "ulaw_decode_into",
     "ulaw_encode",
     "ulaw_encode_into",
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 
     def ulaw_decode(codes: BytesLike, /) -> bytes:
         """mu-law codes -> int16 PCM (two bytes per code)."""
+
+    def ulaw_decode_b64(text: str, /) -> bytes:
+        """base64 text of mu-law codes -> int16 PCM, in one pass (strict base64; ValueError)."""
 
     def alaw_encode(pcm: BytesLike, /) -> bytes:
         """int16 PCM -> one A-law code per sample."""
@@ -64,6 +68,7 @@ else:
         alaw_encode,
         alaw_encode_into,
         ulaw_decode,
+        ulaw_decode_b64,
         ulaw_decode_into,
         ulaw_encode,
         ulaw_encode_into,

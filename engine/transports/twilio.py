@@ -31,7 +31,7 @@ import orjson
 from aiohttp import WSCloseCode, web
 
 from engine._native.wsframe import text_frame_b64
-from engine.audio.g711 import ulaw_decode, ulaw_encode
+from engine.audio.g711 import ulaw_decode_b64, ulaw_encode
 from engine.audio.jitter import JitterBuffer
 from engine.audio.resample import Resampler
 from engine.backends.base import CallInfo
@@ -46,7 +46,7 @@ FRAME_MS = 20.0
 MULAW_FRAME = 160  # bytes of mu-law = 20 ms at 8 kHz
 PCM8_FRAME = 320  # bytes of 8 kHz int16 = 20 ms
 PCM16_FRAME = 640  # bytes of 16 kHz int16 = 20 ms
-MULAW_SILENCE = b"\xff" * MULAW_FRAME
+PCM8_SILENCE = bytes(PCM8_FRAME)
 PCM16_SILENCE = bytes(PCM16_FRAME)
 #: audio sent within this much of "played" is not yet taken as heard, over the learned playout lag:
 #: resuming a paused reply may repeat a few frames, but never skips any
@@ -355,21 +355,22 @@ class TwilioMediaStream:
         try:
             if media.get("track", "inbound") not in ("inbound", "inbound_track"):
                 return
-            payload = binascii.a2b_base64(media["payload"], strict_mode=True)
+            pcm8 = ulaw_decode_b64(media["payload"])  # base64 and mu-law in one pass
             chunk = int(media["chunk"])
             timestamp = int(media["timestamp"])
-        except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             self._reject("bad-media", f"{type(exc).__name__}: {exc}")
             return
-        if len(payload) != MULAW_FRAME:
-            if not payload or len(payload) > 8 * MULAW_FRAME:
-                self._reject("bad-payload-length", len(payload))
+        if len(pcm8) != PCM8_FRAME:
+            codes = len(pcm8) // 2
+            if not codes or codes > 8 * MULAW_FRAME:
+                self._reject("bad-payload-length", codes)
                 return
-            self._reject("odd-payload-length", len(payload))
-            payload = (payload + MULAW_SILENCE)[:MULAW_FRAME]
+            self._reject("odd-payload-length", codes)
+            pcm8 = (pcm8 + PCM8_SILENCE)[:PCM8_FRAME]
         now = time.monotonic() * 1000.0
         jitter = self._jitter
-        jitter.push(chunk & 0xFFFF, (timestamp * 8) & 0xFFFFFFFF, ulaw_decode(payload), now)
+        jitter.push(chunk & 0xFFFF, (timestamp * 8) & 0xFFFFFFFF, pcm8, now)
         stats = call.stats
         pcm8 = self._pcm8
         while jitter.pop_into(pcm8, now) >= 0:
