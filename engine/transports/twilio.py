@@ -355,22 +355,22 @@ class TwilioMediaStream:
         try:
             if media.get("track", "inbound") not in ("inbound", "inbound_track"):
                 return
-            pcm8 = ulaw_decode_b64(media["payload"])  # base64 and mu-law in one pass
+            decoded = ulaw_decode_b64(media["payload"])  # base64 and mu-law in one pass
             chunk = int(media["chunk"])
             timestamp = int(media["timestamp"])
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             self._reject("bad-media", f"{type(exc).__name__}: {exc}")
             return
-        if len(pcm8) != PCM8_FRAME:
-            codes = len(pcm8) // 2
+        if len(decoded) != PCM8_FRAME:
+            codes = len(decoded) // 2
             if not codes or codes > 8 * MULAW_FRAME:
                 self._reject("bad-payload-length", codes)
                 return
             self._reject("odd-payload-length", codes)
-            pcm8 = (pcm8 + PCM8_SILENCE)[:PCM8_FRAME]
+            decoded = (decoded + PCM8_SILENCE)[:PCM8_FRAME]
         now = time.monotonic() * 1000.0
         jitter = self._jitter
-        jitter.push(chunk & 0xFFFF, (timestamp * 8) & 0xFFFFFFFF, pcm8, now)
+        jitter.push(chunk & 0xFFFF, (timestamp * 8) & 0xFFFFFFFF, decoded, now)
         stats = call.stats
         pcm8 = self._pcm8
         while jitter.pop_into(pcm8, now) >= 0:
