@@ -285,6 +285,22 @@ async def test_server_messages_become_engine_events(vapi: VapiStandin) -> None:
     assert not [e for e in events.of(Status) if e.kind == "model-output"]
 
 
+async def test_a_failing_event_handler_does_not_stop_the_reader(vapi: VapiStandin) -> None:
+    def fail_on_transcripts(event: Any) -> None:
+        if isinstance(event, Transcript):
+            raise RuntimeError("the call's handler failed")
+
+    events = Events(hook=fail_on_transcripts)
+    backend = make(vapi, events)
+    await backend.start()
+    assert backend.call_id is not None
+    await vapi.push(backend.call_id, {"type": 'transcript[transcriptType="final"]', "role": "user",
+                                      "transcriptType": "final", "transcript": "hello"})
+    await vapi.push(backend.call_id, {"type": "hang"})
+    await events.wait_event(Status("hang", {}))  # read after the failure: the reader lives on
+    await backend.close()
+
+
 async def test_audio_ahead_of_its_speech_update_joins_that_utterance(vapi: VapiStandin) -> None:
     events = Events()
     backend = make(vapi, events)

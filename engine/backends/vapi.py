@@ -478,7 +478,7 @@ class VapiBackend(Backend):
             self.emit(event)
         except Exception:  # the call's handler failing must not kill the reader
             log.exception("vapi.emit_failed", session=self.info.session_id,
-                          event=type(event).__name__)
+                          kind=type(event).__name__)
 
     def _fail(self, message: str) -> None:
         if self._failed or self._closed:
