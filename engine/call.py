@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from engine.backends.base import Backend, CallInfo
 from engine.events import (
@@ -177,17 +177,18 @@ class Call:
             return
         kind = type(event)
         if kind is AudioChunk:
-            if self.output.write(event.pcm, event.generation):  # type: ignore[union-attr]
+            chunk = cast(AudioChunk, event)  # the type test above, without an isinstance per frame
+            if self.output.write(chunk.pcm, chunk.generation):
                 if self._probe_countdown:
                     self._probe_countdown -= 1
                     if not self._probe_countdown:
                         self._probe_countdown = RELAY_PROBE_EVERY
                         self.output.probe(now_ms())
                 self.transport.kick()
-            elif event.generation <= self.output.ring.cancelled_generation:  # type: ignore[union-attr]
+            elif chunk.generation <= self.output.ring.cancelled_generation:
                 self.stats.frames_stale += 1
         elif kind is UtteranceEnd:
-            self.output.end(event.generation)  # type: ignore[union-attr]
+            self.output.end(cast(UtteranceEnd, event).generation)
             self.transport.kick()
         elif kind is Transcript:
             assert isinstance(event, Transcript)

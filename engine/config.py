@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -59,7 +59,7 @@ class Settings:
             return self.backend
         return "vapi" if self.vapi_api_key else "local"
 
-    def with_overrides(self, **changes: object) -> "Settings":
+    def with_overrides(self, **changes: Any) -> "Settings":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @classmethod

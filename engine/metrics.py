@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -43,7 +43,7 @@ EVENT_COUNTERS = (
     ("bad_messages", "engine_bad_messages", "Malformed or unexpected messages skipped"),
 )
 #: (metric name, help, how the cluster view combines the live workers' values)
-GAUGES = (
+GAUGES: tuple[tuple[str, str, Literal["livesum", "livemax"]], ...] = (
     ("engine_active_calls", "Calls in progress", "livesum"),
     ("engine_active_sessions", "Live sessions", "livesum"),
     ("engine_jitter_depth_frames", "Frames held in jitter buffers", "livesum"),
