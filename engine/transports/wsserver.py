@@ -179,7 +179,8 @@ class ServerWebSocket:
         except Exception:
             from engine.log import get_logger
 
-            get_logger("websocket").exception("websocket.handler_failed")
+            get_logger("websocket").exception(
+                "websocket.handler_failed", session=getattr(self.handler, "session_id", "-"))
             self._fail(INTERNAL_ERROR)
 
     def _on_close_frame(self, payload: bytes) -> None:
