@@ -185,6 +185,8 @@ class Echo:
             asyncio.get_running_loop().call_later(0.1, self.ws.release)
         elif data == b"close-me":
             self.ws.close(4000, "asked to")
+        elif data == b"boom":
+            raise RuntimeError("the handler failed")
         else:
             self.ws.transport.write(text_frame(b"echo:" + data))  # type: ignore[union-attr]
 
@@ -358,3 +360,15 @@ async def test_a_close_frame_with_a_reserved_code_is_a_protocol_error(code: int)
         assert header[0] == 0x88 and body[:2] == (1002).to_bytes(2, "big")
         writer.close()
         await until(lambda: app.closed == [1002])
+
+
+async def test_a_failing_handler_fails_only_its_connection_with_1011() -> None:
+    app = App()
+    async with serve_app(app.make()) as url, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{url}/ws") as other, http.ws_connect(f"{url}/ws") as ws:
+            await ws.send_str("boom")
+            msg = await ws.receive()
+            assert msg.type is WSMsgType.CLOSE and ws.close_code == 1011
+            assert msg.extra == "internal error"
+            await other.send_str("still here")
+            assert (await other.receive()).data == "echo:still here"
