@@ -62,6 +62,7 @@ from bench.soak import (
 from bench.sysstats import ProcessSampler
 from bench.twilio import free_port, make_click, one_call, percentiles
 from bench.twilio_caller import SILENCE_B64_STR, Ticker, TwilioCaller, new_sid
+from bench.wsclient import client_frame, upgrade_request
 
 COUNTERS = (
     "frames_in", "frames_out", "frames_dropped_out", "frames_dropped_in", "frames_late",
@@ -116,28 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --- a WebSocket client that stops reading (aiohttp always reads) --------------------------------
 
 
-def _ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """One masked client frame (RFC 6455 §5.2)."""
-    head = bytearray([0x80 | opcode])
-    n = len(payload)
-    if n < 126:
-        head.append(0x80 | n)
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
-    mask = secrets.token_bytes(4)
-    return bytes(head) + mask + _mask(payload, mask)
-
-
-def _mask(payload: bytes, mask: bytes) -> bytes:
-    if not payload:
-        return b""
-    reps = (len(payload) + 3) // 4
-    key = int.from_bytes((mask * reps)[: len(payload)], "big")
-    return (int.from_bytes(payload, "big") ^ key).to_bytes(len(payload), "big")
-
-
 class StalledReader:
     """A Twilio stream that reads the handshake and then never reads again, but keeps sending a
     media frame every 20 ms (a caller whose network or process has hung on the receive side)."""
@@ -165,11 +144,7 @@ class StalledReader:
             await loop.sock_connect(sock, ("127.0.0.1", self.port))
             self.local_port = sock.getsockname()[1]
             key = base64.b64encode(secrets.token_bytes(16)).decode()
-            await loop.sock_sendall(sock, (
-                "GET /twilio/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode())  # fmt: skip
+            await loop.sock_sendall(sock, upgrade_request("/twilio/stream", key))
             head = b""
             while b"\r\n\r\n" not in head:  # the handshake is the last thing ever read
                 chunk = await loop.sock_recv(sock, 1)
@@ -179,8 +154,9 @@ class StalledReader:
             if b" 101 " not in head.split(b"\r\n", 1)[0]:
                 raise ConnectionError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
             stream_sid = new_sid("MZ")
-            sock.send(_ws_frame(b'{"event":"connected","protocol":"Call","version":"1.0.0"}'))
-            sock.send(_ws_frame(
+            sock.send(client_frame(1, b'{"event":"connected","protocol":"Call","version":"1.0.0"}'))
+            sock.send(client_frame(
+                1,
                 b'{"event":"start","sequenceNumber":"1","start":{"accountSid":"AC%s",'
                 b'"streamSid":"%s","callSid":"%s","tracks":["inbound"],"customParameters":{},'
                 b'"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}},'
@@ -193,7 +169,8 @@ class StalledReader:
             while time.monotonic() - t0 < seconds:
                 n += 1
                 payload = loud if n % 25 < 2 else SILENCE_B64_STR
-                frame = _ws_frame(
+                frame = client_frame(
+                    1,
                     b'{"event":"media","sequenceNumber":"%d","media":{"track":"inbound",'
                     b'"chunk":"%d","timestamp":"%d","payload":"%s"},"streamSid":"%s"}'
                     % (n + 1, n, n * 20, payload.encode(), stream_sid.encode())

@@ -25,6 +25,7 @@ from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from engine._native.wsframe import FrameParser, text_frame_b64
 
 from bench.kernel_case import Case
+from bench.wsclient import client_frame
 from engine.audio.g711 import ulaw_decode, ulaw_decode_b64
 from engine.transports.base import ws_text_frame
 
@@ -40,10 +41,7 @@ def media_frame() -> bytes:
         b'"timestamp":"40","payload":"' + binascii.b2a_base64(mulaw, newline=False) + b'"},'
         b'"streamSid":"MZ0123456789abcdef0123456789abcdef"}'
     )
-    key = os.urandom(4)
-    n = len(text)
-    header = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
-    return header + key + bytes(b ^ key[i & 3] for i, b in enumerate(text))
+    return client_frame(1, text)
 
 
 class _Protocol:

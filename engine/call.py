@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from engine.backends.base import Backend, CallInfo
 from engine.events import (
@@ -177,7 +177,7 @@ class Call:
             return
         kind = type(event)
         if kind is AudioChunk:
-            chunk = cast(AudioChunk, event)  # the type test above, without an isinstance per frame
+            chunk: AudioChunk = event  # type: ignore[assignment]  # tested above, no call per frame
             if self.output.write(chunk.pcm, chunk.generation):
                 if self._probe_countdown:
                     self._probe_countdown -= 1
@@ -188,7 +188,7 @@ class Call:
             elif chunk.generation <= self.output.ring.cancelled_generation:
                 self.stats.frames_stale += 1
         elif kind is UtteranceEnd:
-            self.output.end(cast(UtteranceEnd, event).generation)
+            self.output.end(event.generation)  # type: ignore[union-attr, arg-type]
             self.transport.kick()
         elif kind is Transcript:
             assert isinstance(event, Transcript)

@@ -271,52 +271,6 @@ cdef class FrameParser:
         self._fail(code)
 
 
-def text_frame(payload):
-    """text_frame(payload: bytes) -> bytes: one unmasked server-to-client text frame."""
-    return _frame(0x81, payload)
-
-
-def close_frame(int code, reason=b""):
-    """close_frame(code, reason: bytes) -> bytes: a server close frame (reason cut to fit 125)."""
-    cdef bytes body = bytes(((code >> 8) & 0xFF, code & 0xFF)) + bytes(reason)[:123]
-    return _frame(0x88, body)
-
-
-def control_frame(int opcode, payload):
-    """control_frame(opcode, payload: bytes) -> bytes: a ping or pong (payload cut to 125)."""
-    return _frame(0x80 | (opcode & 0x0F), bytes(payload)[:125])
-
-
-cdef bytes _frame(uint8_t first, payload):
-    cdef Py_buffer view
-    cdef uint8_t* src
-    cdef Py_ssize_t n
-    cdef int how = open_buffer(payload, &view, &src, &n, False, 0)
-    cdef Py_ssize_t header = 2 if n < 126 else (4 if n < 65536 else 10)
-    cdef bytes out
-    cdef uint8_t* dst
-    cdef int i
-    try:
-        out = PyBytes_FromStringAndSize(NULL, header + n)
-        dst = <uint8_t*>PyBytes_AS_STRING(out)
-        dst[0] = first
-        if header == 2:
-            dst[1] = <uint8_t>n
-        elif header == 4:
-            dst[1] = 126
-            dst[2] = <uint8_t>(n >> 8)
-            dst[3] = <uint8_t>n
-        else:
-            dst[1] = 127
-            for i in range(8):
-                dst[2 + i] = <uint8_t>((<uint64_t>n) >> (8 * (7 - i)))
-        memcpy(dst + header, src, n)
-        return out
-    finally:
-        if how == EXPORTED:
-            PyBuffer_Release(&view)
-
-
 cdef const char* B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 

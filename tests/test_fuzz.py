@@ -12,6 +12,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.wsclient import client_frame
 from engine.config import Settings
 from engine.runtime import Engine
 from engine.transports import twilio
@@ -54,23 +55,9 @@ class Request:
         self.transport = Socket()
 
 
-def client_frame(text: str, opcode: int = 1) -> bytes:
-    """A masked client-to-server WebSocket frame (RFC 6455 §5.2), as a Media Streams client
-    sends it."""
-    payload = text.encode("utf-8", "surrogatepass")
-    key = random.randbytes(4)
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x80 | opcode, 0x80 | n))
-    else:
-        header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
-    masked = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
-    return header + key + masked
-
-
 async def feed(stream: twilio.TwilioMediaStream, text: str) -> None:
     """One message through the real frame parser, then let a `start` finish starting."""
-    stream.ws.feed_data(client_frame(text))
+    stream.ws.feed_data(client_frame(1, text.encode("utf-8", "surrogatepass")))
     while stream._starting is not None:
         await asyncio.sleep(0)
 
@@ -159,7 +146,7 @@ def test_twilio_messages_never_break_a_call(garbage: list[str]) -> None:
         # memory stays bounded whatever came in
         assert stream._jitter.depth <= stream._jitter.capacity
         assert len(stream._marks_pending) <= 1 and stream._out_frames.pending() < 4096
-        if not stream._closing and not stream.ws.closing:
+        if not stream.ws.closing:
             # good frames after the garbage still reach the call
             before = stream.call.stats.frames_in
             last = stream._jitter.last_seq if stream._jitter.received else 0

@@ -14,30 +14,14 @@ import weakref
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
-from engine._native.wsframe import FrameParser, close_frame, text_frame, text_frame_b64
+from engine._native.wsframe import FrameParser, text_frame_b64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.wsclient import client_frame, upgrade_request
 from engine.transports.base import ws_text_frame
-from engine.transports.wsserver import ServerWebSocket, accept_key
+from engine.transports.wsserver import ServerWebSocket, accept_key, close_frame
 from tests.servers import serve_app
-
-
-def client_frame(opcode: int, payload: bytes, fin: bool = True, masked: bool = True,
-                 rsv: int = 0) -> bytes:
-    n = len(payload)
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    mask_bit = 0x80 if masked else 0
-    if n < 126:
-        header = bytes((first, mask_bit | n))
-    elif n < 65536:
-        header = bytes((first, mask_bit | 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((first, mask_bit | 127)) + n.to_bytes(8, "big")
-    if not masked:
-        return header + payload
-    key = os.urandom(4)
-    return header + key + bytes(b ^ key[i & 3] for i, b in enumerate(payload))
 
 
 class Collect:
@@ -160,9 +144,9 @@ def test_a_base64_media_frame_matches_the_plain_construction(
 
 
 def test_server_frames_are_unmasked_with_the_right_length_forms() -> None:
-    assert text_frame(b"abc") == b"\x81\x03abc"
-    assert text_frame(b"x" * 300)[:4] == b"\x81\x7e\x01\x2c"
-    assert text_frame(b"x" * 70_000)[:10] == b"\x81\x7f" + (70_000).to_bytes(8, "big")
+    assert ws_text_frame(b"abc") == b"\x81\x03abc"
+    assert ws_text_frame(b"x" * 300)[:4] == b"\x81\x7e\x01\x2c"
+    assert ws_text_frame(b"x" * 70_000)[:10] == b"\x81\x7f" + (70_000).to_bytes(8, "big")
     assert close_frame(1000, b"bye") == b"\x88\x05\x03\xe8bye"
 
 
@@ -188,7 +172,7 @@ class Echo:
         elif data == b"boom":
             raise RuntimeError("the handler failed")
         else:
-            self.ws.transport.write(text_frame(b"echo:" + data))  # type: ignore[union-attr]
+            self.ws.transport.write(ws_text_frame(b"echo:" + data))  # type: ignore[union-attr]
 
     def on_binary(self, data: bytes) -> None:
         self.binary.append(data)
@@ -280,18 +264,22 @@ async def test_a_bad_handshake_gets_400() -> None:
             assert resp.status == 400
 
 
+async def raw_peer(
+    port: int,
+) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A TCP peer that has asked for the upgrade by hand: its key, streams and the answer's head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(random.randbytes(16)).decode()
+    writer.write(upgrade_request("/ws", key))
+    return key, reader, writer, await reader.readuntil(b"\r\n\r\n")
+
+
 async def test_a_raw_peer_breaking_the_protocol_gets_1002_and_others_carry_on() -> None:
     app = App()
     async with serve_app(app.make()) as url, aiohttp.ClientSession() as http:
         port = int(url.rsplit(":", 1)[1])
         async with http.ws_connect(f"{url}/ws") as good:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            key = base64.b64encode(random.randbytes(16)).decode()
-            writer.write(
-                f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-            )
-            head = await reader.readuntil(b"\r\n\r\n")
+            key, reader, writer, head = await raw_peer(port)
             assert head.startswith(b"HTTP/1.1 101")
             assert f"Sec-WebSocket-Accept: {accept_key(key)}".encode() in head
             writer.write(client_frame(1, b"unmasked", masked=False))
@@ -347,13 +335,7 @@ async def test_a_close_frame_with_a_reserved_code_is_a_protocol_error(code: int)
     app = App()
     async with serve_app(app.make()) as url:
         port = int(url.rsplit(":", 1)[1])
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        key = base64.b64encode(random.randbytes(16)).decode()
-        writer.write(
-            f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        await reader.readuntil(b"\r\n\r\n")
+        _, reader, writer, _ = await raw_peer(port)
         writer.write(client_frame(8, code.to_bytes(2, "big")))
         header = await asyncio.wait_for(reader.readexactly(2), 5)
         body = await reader.readexactly(header[1])

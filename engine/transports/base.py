@@ -60,11 +60,17 @@ class Reframer:
         self._buf.clear()
 
 
-def ws_text_frame(payload: bytes) -> bytes:
-    """A complete unmasked server-to-client WebSocket text frame (RFC 6455 §5.2)."""
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """A complete unmasked server-to-client WebSocket frame, final (RFC 6455 §5.2)."""
+    first = 0x80 | opcode
     n = len(payload)
     if n < 126:
-        return bytes((0x81, n)) + payload
+        return bytes((first, n)) + payload
     if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
+        return struct.pack("!BBH", first, 126, n) + payload
+    return struct.pack("!BBQ", first, 127, n) + payload
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """A complete unmasked server-to-client WebSocket text frame."""
+    return ws_frame(0x1, payload)

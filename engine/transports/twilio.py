@@ -239,7 +239,6 @@ class TwilioMediaStream:
         self._socket = request.transport
         self._bad: dict[str, int] = {}
         self._bad_total = 0
-        self._closing = False
         # inbound
         # The jitter buffer holds decoded PCM so that concealment can fade the last frame. Media
         # Streams ride on TCP: a missing `chunk` is concealed as soon as a later one shows the
@@ -282,8 +281,6 @@ class TwilioMediaStream:
     # -- inbound -------------------------------------------------------------------------------
 
     def on_text(self, data: bytes) -> None:
-        if self._closing:
-            return
         if data.startswith(b'{"event":"media"'):
             message = self._parse(data)
             if message is not None:
@@ -477,7 +474,7 @@ class TwilioMediaStream:
                 count=count,
                 detail=None if detail is None else str(detail)[:120],
             )
-        if self._bad_total == MAX_BAD_MESSAGES and not self._closing:
+        if self._bad_total == MAX_BAD_MESSAGES and not self.ws.closing:
             self._close(WSCloseCode.INVALID_TEXT, "too many malformed messages")
 
     # -- outbound ------------------------------------------------------------------------------
@@ -490,7 +487,7 @@ class TwilioMediaStream:
     def pump(self, now: float) -> bool:
         """Tops Twilio's buffer up to the lead; False when nothing is left to send."""
         call = self.call
-        if call is None or self._closing or self.ws.closing:
+        if call is None or self.ws.closing:
             self._registered = False
             return False
         output = call.output
@@ -539,19 +536,6 @@ class TwilioMediaStream:
         """The next 20 ms of 8 kHz PCM to send, or None."""
         frames = self._out_frames
         output = self.call.output  # type: ignore[union-attr]
-        if not frames.pending():
-            # The common case: one 20 ms frame in, one out, inside an utterance.
-            generation = output.read_frame(self._pcm16)
-            if generation < 0:
-                return None
-            if generation != self._sending_generation:
-                self._sending_generation = generation
-                self.call.on_output_started(generation, now)  # type: ignore[union-attr]
-            pcm8 = self._down.process(self._pcm16)
-            if output.finished_at_read() is None:
-                return pcm8
-            frames.push(pcm8)
-            self._utterance_ends(output)
         while frames.pending() < PCM8_FRAME:
             generation = output.read_frame(self._pcm16)
             if generation < 0:
@@ -559,20 +543,18 @@ class TwilioMediaStream:
             if generation != self._sending_generation:
                 self._sending_generation = generation
                 self.call.on_output_started(generation, now)  # type: ignore[union-attr]
-            frames.push(self._down.process(self._pcm16))
-            self._utterance_ends(output)
+            pcm8 = self._down.process(self._pcm16)
+            finished = output.finished_at_read()
+            if finished is None and not frames.pending():
+                return pcm8  # the common case: one frame in, one out, inside an utterance
+            frames.push(pcm8)
+            if finished is not None:
+                # Flush the resampler's delay line, pad to a whole frame, and mark the end there.
+                frames.push(self._down.process(PCM16_SILENCE))
+                frames.push(bytes((-frames.pending()) % PCM8_FRAME))
+                after = self._frames_sent + frames.pending() // PCM8_FRAME
+                self._marks_due.append((after, finished, output.ring.read_pos))
         return frames.pop()
-
-    def _utterance_ends(self, output: Any) -> None:
-        """After a read: if an utterance has just been read to its end, flush the resampler's
-        delay line, pad to a whole frame, and have a mark sent after that frame."""
-        finished = output.finished_at_read()
-        if finished is not None:
-            frames = self._out_frames
-            frames.push(self._down.process(PCM16_SILENCE))
-            frames.push(bytes((-frames.pending()) % PCM8_FRAME))
-            after = self._frames_sent + frames.pending() // PCM8_FRAME
-            self._marks_due.append((after, finished, output.ring.read_pos))
 
     def _send_mark(self, generation: int, end_pos: int) -> None:
         name = f"u{generation}"
@@ -580,9 +562,7 @@ class TwilioMediaStream:
         self._send_json({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
 
     def _send_json(self, message: dict[str, Any]) -> None:
-        sock = self._socket
-        if sock is not None and not sock.is_closing() and not self.ws.closing:
-            sock.write(ws_text_frame(orjson.dumps(message)))
+        self.ws.send(ws_text_frame(orjson.dumps(message)))
 
     def _send_clear(self, now: float) -> None:
         self._send_json({"event": "clear", "streamSid": self.stream_sid})
@@ -629,7 +609,7 @@ class TwilioMediaStream:
         pass
 
     def hangup(self, reason: str) -> None:
-        if not self._closing:
+        if not self.ws.closing:
             log.info("stream.hangup", session=self.session_id, reason=reason)
             self._close(WSCloseCode.OK, reason)
 
@@ -646,11 +626,9 @@ class TwilioMediaStream:
     # -- teardown ------------------------------------------------------------------------------
 
     def _close(self, code: int, reason: str) -> None:
-        self._closing = True
         self.ws.close(code, reason)
 
     async def _finish(self, close_code: int | None) -> None:
-        self._closing = True
         self.engine.pacer.unregister(self)
         if self._starting is not None:  # the caller left while the call was starting
             self._starting.cancel()

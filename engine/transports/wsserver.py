@@ -27,7 +27,8 @@ from typing import Protocol
 
 from aiohttp import web
 
-from engine._native.wsframe import FrameParser, close_frame, control_frame
+from engine._native.wsframe import FrameParser
+from engine.transports.base import ws_frame
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CLOSE_TIMEOUT_S = 2.0  # how long a peer gets to answer our close before the socket is cut
@@ -35,7 +36,7 @@ NO_STATUS = 1005  # the peer closed without a code
 ABNORMAL = 1006  # the connection dropped without a close frame
 INTERNAL_ERROR = 1011
 
-OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING = 1, 2, 8, 9
+OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 1, 2, 8, 9, 10
 #: the reason sent with the close code when the connection fails
 FAILURE_REASONS = {
     1002: b"protocol error",
@@ -92,6 +93,11 @@ def _check_handshake(request: web.Request) -> str:
     except (ValueError, binascii.Error):
         raise HandshakeError(text="bad Sec-WebSocket-Key") from None
     return key
+
+
+def close_frame(code: int, reason: bytes = b"") -> bytes:
+    """A server close frame: the code, then the reason (cut to fit a control frame)."""
+    return ws_frame(OP_CLOSE, code.to_bytes(2, "big") + reason[:123])
 
 
 def _sendable_close_code(code: int) -> bool:
@@ -172,7 +178,7 @@ class ServerWebSocket:
             elif opcode == OP_BINARY:
                 self.handler.on_binary(payload)
             elif opcode == OP_PING:
-                self._write(control_frame(0xA, payload))
+                self._write(ws_frame(OP_PONG, payload))
             elif opcode == OP_CLOSE:
                 self._on_close_frame(payload)
             # a pong needs nothing
@@ -235,46 +241,42 @@ class ServerWebSocket:
 
     # -- sending and closing -----------------------------------------------------------------
 
+    def send(self, frame: bytes) -> None:
+        """Writes a whole frame (see `ws_text_frame`) unless a close has begun."""
+        if not self.closing:
+            self._write(frame)
+
     def _write(self, frame: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(frame)
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Starts the close handshake; the socket is cut if the peer does not answer in time."""
-        if self.closing or self.closed:
+        if not self.closing:
+            self._begin_close(code, reason.encode()[:120])
+
+    def _fail(self, code: int) -> None:
+        """Fails the connection: nothing more is read as messages, a close frame says why."""
+        if self.closed:
             return
+        self._parser.fail(code)
+        if not self.closing:
+            self._begin_close(code, FAILURE_REASONS.get(code, b""))
+
+    def _begin_close(self, code: int, reason: bytes) -> None:
+        """Our close frame, and nothing more is sent. Reading goes on (data is discarded) until
+        the peer closes or `CLOSE_TIMEOUT_S` passes: closing the socket while the peer's data is
+        still arriving would reset the connection, and the reset would destroy our close frame,
+        unread, on the peer's side. (Ending our side with a FIN is no better: clients then fail
+        to send their own close and report 1006.)"""
         self.closing = True
         if self.close_code is None:
             self.close_code = code
         self._drop_held()
-        self._write(close_frame(code, reason.encode()[:120]))
-        if self.transport is not None and not self.transport.is_closing():
-            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self._cut)
-        else:
-            self._lost()
-
-    def _fail(self, code: int) -> None:
-        """Fails the connection: a close frame with `code`, and nothing more is sent.
-
-        Reading goes on (and is discarded) until the peer closes or `CLOSE_TIMEOUT_S` passes:
-        closing the socket while the peer's data is still arriving would reset the connection,
-        and the reset would destroy our close frame, unread, on the peer's side. (Ending our side
-        with a FIN is no better: clients then fail to send their own close and report 1006.)
-        """
-        if self.closed:
-            return
-        self._parser.fail(code)
-        if self.close_code is None:
-            self.close_code = code
-        if not self.closing:
-            self.closing = True
-            self._write(close_frame(code, FAILURE_REASONS.get(code, b"")))
-        self._drop_held()
-        transport = self.transport
-        if transport is None or transport.is_closing():
+        self._write(close_frame(code, reason))
+        if self.transport is None or self.transport.is_closing():
             self._cut()
-            return
-        if self._close_timer is None:
+        else:
             self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self._cut)
 
     def _cut(self) -> None:
