@@ -38,7 +38,6 @@ import json
 import math
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from aiohttp import WSMsgType, web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from bench.sysstats import ProcessSampler
+from bench.twilio import free_port
 from engine.config import Settings
 from engine.server import ENGINE_KEY, create_app
 from engine.transports import webrtc
@@ -643,10 +643,6 @@ class EngineProcess:
         self.proc = None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the whole invocation -------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.twilio import free_port
+
 CANDIDATES = ("redis-server", "/usr/bin/redis-server", "/usr/local/bin/redis-server")
 
 
@@ -29,10 +31,6 @@ def find_binary() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pings(port: int) -> bool:

@@ -22,6 +22,7 @@ from bench.wsclient import client_frame, upgrade_request
 from engine.transports.base import ws_text_frame
 from engine.transports.wsserver import ServerWebSocket, accept_key, close_frame
 from tests.servers import serve_app
+from tests.twilio_helpers import until
 
 
 class Collect:
@@ -197,13 +198,6 @@ class App:
         app = web.Application()
         app.router.add_get("/ws", self.route)
         return app
-
-
-async def until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_messages_pings_and_a_client_close_over_loopback() -> None:

@@ -5,23 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import aiohttp
 
+from bench.twilio import free_port
 from bench.twilio_caller import Ticker, TwilioCaller
 from engine.config import Settings
 from tests.servers import serve_engine
 from tests.twilio_helpers import until
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def wait_healthy(url: str, timeout: float = 30.0) -> dict:
